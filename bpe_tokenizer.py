@@ -1,0 +1,684 @@
+"""Byte-level BPE tokenizer, written from scratch (the scheme of GPT-2).
+
+Three ideas make the whole tokenizer:
+
+1. Bytes. Text is UTF-8 encoded and every byte starts as its own token, so the base
+   vocabulary is the 256 byte values. Nothing is ever out of vocabulary: a word never seen
+   in training, an emoji or a stray control character falls back to (possibly several)
+   byte tokens.
+2. Pre-tokenization. A regular expression first splits text into chunks: a word with its
+   leading space, a run of digits, a run of punctuation, whitespace. Merges never cross a
+   chunk boundary, so " dog" is learned once and reused in " dog." and " dogs".
+3. Merges. Training repeatedly takes the most frequent adjacent pair of tokens, over all
+   chunks of the corpus, and makes it a new token. Encoding replays those merges on each
+   chunk, earliest-learned first.
+
+Special tokens (``<|endoftext|>``, the chat roles) are cut out of the text before step 2:
+they map straight to their own id and never take part in merges.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import multiprocessing
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from functools import lru_cache, partial
+from itertools import chain, islice, pairwise
+
+import regex
+from tqdm.auto import tqdm
+
+# GPT-2's pre-tokenizer: English contractions, letters with an optional leading space,
+# digits with an optional leading space, other symbols with an optional leading space,
+# whitespace not followed by a non-space (so a space is left to start the next word),
+# and any other whitespace.
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+ENDOFTEXT = "<|endoftext|>"
+DEFAULT_SPECIAL_TOKENS = [ENDOFTEXT, "<user>", "<assistant>", "<system>"]
+
+FILE_FORMAT = "tinystories-transformer/bpe-tokenizer"
+FILE_VERSION = 1
+
+# Corpora larger than this (in characters) are counted and encoded on several processes.
+PARALLEL_MIN_CHARS = 4_000_000
+# Pre-token cache entries kept before the cache is cleared, so memory stays bounded.
+CACHE_MAX_ENTRIES = 500_000
+# encode_iterable encodes its input in blocks of about this many characters.
+STREAM_BLOCK_CHARS = 1 << 16
+
+
+class TokenizerFileError(ValueError):
+    """A tokenizer file that is missing, truncated, or not a tokenizer file."""
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters.
+
+    The 188 printable Latin-1 bytes map to themselves; the other 68 (control characters,
+    space, non-breaking space, soft hyphen) map to chr(256), chr(257), ... in byte order.
+    vocab.json, merges.txt and Hugging Face's tokenizer.json all write byte strings this
+    way, which is why b" the" appears there as "Ġthe".
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {byte: chr(byte) for byte in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def bytes_to_text(token: bytes) -> str:
+    """b" the" -> "Ġthe" (see bytes_to_unicode)."""
+    table = bytes_to_unicode()
+    return "".join(table[byte] for byte in token)
+
+
+def text_to_bytes(token: str) -> bytes:
+    """"Ġthe" -> b" the"; the inverse of bytes_to_text."""
+    inverse = {char: byte for byte, char in bytes_to_unicode().items()}
+    try:
+        return bytes(inverse[char] for char in token)
+    except KeyError as err:
+        raise ValueError(f"{token!r} is not a byte-level token string (character {err.args[0]!r})") from None
+
+
+def merge_pair(ids: list[int], a: int, b: int, new_id: int) -> list[int]:
+    """Replace every occurrence of the pair (a, b) in ids by new_id, left to right."""
+    if a not in ids:  # cheap test that skips most words
+        return ids
+    merged = []
+    i, n = 0, len(ids)
+    while i < n:
+        if i < n - 1 and ids[i] == a and ids[i + 1] == b:
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(ids[i])
+            i += 1
+    return merged
+
+
+def _special_regex(specials: Iterable[str], capture: bool) -> regex.Pattern | None:
+    """One alternation of the special tokens, longest first, so that when one is a prefix
+    of another ("<a>" and "<a>b") the longer wins."""
+    specials = sorted(specials, key=len, reverse=True)
+    if not specials:
+        return None
+    body = "|".join(regex.escape(s) for s in specials)
+    return regex.compile(f"({body})" if capture else body)
+
+
+class _ChunkCache(dict):
+    """Pre-token text -> token ids. A hit is one C-level dict lookup; a miss (dict calls
+    __missing__) runs the merges once. Cleared when full so memory stays bounded."""
+
+    def __init__(self, encode_chunk):
+        super().__init__()
+        self.encode_chunk = encode_chunk
+
+    def __missing__(self, chunk: str) -> tuple[int, ...]:
+        if len(self) >= CACHE_MAX_ENTRIES:
+            self.clear()
+        ids = self[chunk] = tuple(self.encode_chunk(chunk))
+        return ids
+
+
+class BPETokenizer:
+    """A byte-level BPE tokenizer: a vocabulary, ordered merges and special tokens.
+
+    vocab:  token id -> the bytes it stands for; ids run 0..N-1 and include all 256 bytes.
+    merges: (left, right) byte strings in the order they were learned; left + right must
+            be in the vocabulary.
+    special_tokens: texts matched whole before pre-tokenization. A special token whose
+            bytes are already in vocab keeps that id (GPT-2's <|endoftext|> is 50256);
+            any other is appended after the last id.
+    pattern: the pre-tokenization regular expression (``regex`` syntax).
+    """
+
+    def __init__(
+        self,
+        vocab: dict[int, bytes],
+        merges: list[tuple[bytes, bytes]],
+        special_tokens: list[str] | None = None,
+        pattern: str = GPT2_SPLIT_PATTERN,
+    ):
+        self.vocab: dict[int, bytes] = {int(i): bytes(t) for i, t in vocab.items()}
+        if sorted(self.vocab) != list(range(len(self.vocab))):
+            raise ValueError("vocab ids must be 0, 1, ..., N-1 with no gaps")
+        ids_by_bytes: dict[bytes, int] = {}
+        for token_id, token in self.vocab.items():
+            if token in ids_by_bytes:
+                raise ValueError(f"vocab has {token!r} twice (ids {ids_by_bytes[token]} and {token_id})")
+            ids_by_bytes[token] = token_id
+
+        self.special_tokens: dict[str, int] = {}
+        for special in special_tokens or []:
+            token = special.encode("utf-8")
+            if token not in ids_by_bytes:
+                ids_by_bytes[token] = len(self.vocab)
+                self.vocab[len(self.vocab)] = token
+            self.special_tokens[special] = ids_by_bytes[token]
+
+        try:
+            self._byte_ids = [ids_by_bytes[bytes([b])] for b in range(256)]
+        except KeyError as err:
+            raise ValueError(f"vocab lacks the single byte {err.args[0]!r}; all 256 bytes are required") from None
+        self.merges: list[tuple[bytes, bytes]] = [(bytes(a), bytes(b)) for a, b in merges]
+        # (left id, right id) -> (rank, merged id): the rank orders merges at encode time.
+        # A pair listed twice keeps its last rank, as in Hugging Face tokenizers.
+        self._merge_ranks: dict[tuple[int, int], tuple[int, int]] = {}
+        for rank, (a, b) in enumerate(self.merges):
+            if a not in ids_by_bytes or b not in ids_by_bytes or a + b not in ids_by_bytes:
+                raise ValueError(f"merge {rank} ({a!r}, {b!r}): a part or the result is not in the vocabulary")
+            self._merge_ranks[ids_by_bytes[a], ids_by_bytes[b]] = (rank, ids_by_bytes[a + b])
+        self._ids_by_bytes = ids_by_bytes
+
+        self.pattern = pattern
+        self._chunk_regex = regex.compile(pattern)
+        self._all_special_regex = _special_regex(self.special_tokens, capture=True)
+        self._cache = _ChunkCache(self._encode_chunk)
+
+    # ----------------------------------------------------------------- basic facts
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids: 256 bytes + merges + special tokens (for a trained tokenizer)."""
+        return len(self.vocab)
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, special_tokens={list(self.special_tokens)})"
+
+    def token_to_id(self, token: str | bytes) -> int:
+        """Id of a special token's text, or of a token given as its text or bytes."""
+        if isinstance(token, str) and token in self.special_tokens:
+            return self.special_tokens[token]
+        key = token.encode("utf-8") if isinstance(token, str) else bytes(token)
+        if key not in self._ids_by_bytes:
+            raise KeyError(f"{token!r} is not a single token of this vocabulary")
+        return self._ids_by_bytes[key]
+
+    def id_to_token(self, token_id: int) -> bytes:
+        """The bytes a token id stands for (a special token's UTF-8 text for special ids)."""
+        if token_id not in self.vocab:
+            raise KeyError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return self.vocab[token_id]
+
+    # -------------------------------------------------------------------- encoding
+
+    def _encode_chunk(self, chunk: str) -> list[int]:
+        """BPE on one pre-token: start from its bytes, apply the earliest-learned merge
+        among adjacent pairs until no adjacent pair has a merge."""
+        ids = [self._byte_ids[b] for b in chunk.encode("utf-8")]
+        ranks = self._merge_ranks
+        no_merge = (len(ranks), -1)
+        while len(ids) > 1:
+            pair = min(pairwise(ids), key=lambda p: ranks.get(p, no_merge))
+            if pair not in ranks:
+                break
+            ids = merge_pair(ids, pair[0], pair[1], ranks[pair][1])
+        return ids
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        """Encode text that holds no special tokens: pre-tokenize, then a cache lookup per chunk."""
+        return list(chain.from_iterable(map(self._cache.__getitem__, self._chunk_regex.findall(text))))
+
+    def _special_matcher(self, allowed_special: str | Iterable[str]) -> tuple[regex.Pattern | None, int]:
+        """The regex that finds the allowed special tokens (None if none), and the length
+        of the longest of them."""
+        if allowed_special == "all":
+            allowed = self.special_tokens.keys()
+        elif allowed_special == "none":
+            allowed = set()
+        elif isinstance(allowed_special, str):
+            raise ValueError(f'allowed_special must be "all", "none" or a set of special tokens, not {allowed_special!r}')
+        else:
+            allowed = set(allowed_special)
+            unknown = allowed - self.special_tokens.keys()
+            if unknown:
+                raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)}; known: {list(self.special_tokens)}")
+        return _special_regex(allowed, capture=True), max(map(len, allowed), default=0)
+
+    def encode(self, text: str, allowed_special: str | Iterable[str] = "all") -> list[int]:
+        """Text -> token ids.
+
+        allowed_special: "all" (special-token text becomes its special id), "none" (it is
+        encoded as ordinary text, byte by byte if need be), or a set of the special tokens
+        to recognise.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, not {type(text).__name__}")
+        special_regex = self._all_special_regex if allowed_special == "all" else self._special_matcher(allowed_special)[0]
+        if special_regex is None:
+            return self._encode_ordinary(text)
+        ids: list[int] = []
+        # With a capturing group, split() alternates: text, special, text, special, ..., text.
+        for i, part in enumerate(special_regex.split(text)):
+            if i % 2:
+                ids.append(self.special_tokens[part])
+            elif part:
+                ids += self._encode_ordinary(part)
+        return ids
+
+    def encode_batch(
+        self, texts: Iterable[str], num_workers: int | None = None, allowed_special: str | Iterable[str] = "all"
+    ) -> list[list[int]]:
+        """Encode many texts; on several processes (num_workers, default all cores) when
+        the batch is large enough to repay starting them."""
+        texts = list(texts)
+        workers = min(num_workers or os.cpu_count() or 1, len(texts))
+        if workers <= 1 or sum(map(len, texts)) < PARALLEL_MIN_CHARS:
+            return [self.encode(text, allowed_special) for text in texts]
+        encode = partial(_encode_in_worker, allowed_special=allowed_special)
+        with _pool(workers, self) as pool:
+            return pool.map(encode, texts, chunksize=max(1, len(texts) // (8 * workers)))
+
+    def encode_iterable(self, iterable: Iterable[str], allowed_special: str | Iterable[str] = "all") -> Iterator[int]:
+        """Encode a stream of strings (an open file, a generator of lines) lazily.
+
+        Yields exactly the ids of encode("".join(iterable)) while holding only about
+        STREAM_BLOCK_CHARS characters at a time. The tail of each block is held back until
+        more text arrives, because it could still change: a special token may be cut in
+        half, and a pre-token at the end may grow ("  " + "x" pre-tokenizes as " ", " x").
+        """
+        special_regex, longest_special = self._special_matcher(allowed_special)
+        # Enough characters to hold a partial special token, a 3-character contraction
+        # ("'ll") and the one character of lookahead in "\s+(?!\S)".
+        keep = max(longest_special, 3) + 1
+        pieces: list[str] = []
+        size = 0
+        for piece in iterable:
+            pieces.append(piece)
+            size += len(piece)
+            if size < STREAM_BLOCK_CHARS:
+                continue
+            text = "".join(pieces)
+            cut = self._stable_cut(text, special_regex, keep)
+            yield from self.encode(text[:cut], allowed_special)
+            pieces, size = [text[cut:]], len(text) - cut
+        yield from self.encode("".join(pieces), allowed_special)
+
+    def _stable_cut(self, text: str, special_regex: regex.Pattern | None, keep: int) -> int:
+        """The largest position p such that text[:p] encodes the same whatever is appended
+        to text: the end of a special token, or of a pre-token that ends at least `keep`
+        characters before the end of text (so its lookahead and any partial special token
+        lie after it)."""
+        limit = len(text) - keep
+        start, end = 0, len(text)
+        for match in special_regex.finditer(text) if special_regex else ():
+            if match.end() <= limit:
+                start = match.end()
+            else:
+                end = match.start()  # text[start:end] is a complete segment
+                break
+        if end <= limit:
+            return end
+        cut = start
+        for match in self._chunk_regex.finditer(text, start, end):
+            if match.end() > limit:
+                break
+            cut = match.end()
+        return cut
+
+    # -------------------------------------------------------------------- decoding
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """Token ids -> the raw bytes they stand for."""
+        if hasattr(ids, "tolist"):  # a torch tensor or numpy array
+            ids = ids.tolist()
+        try:
+            return b"".join(map(self.vocab.__getitem__, ids))
+        except KeyError as err:
+            raise ValueError(f"token id {err.args[0]!r} is outside the vocabulary (0..{self.vocab_size - 1})") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Token ids -> text. Bytes that are not valid UTF-8 (say, the first half of an
+        emoji at the end of a partial sequence) become U+FFFD instead of raising."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # -------------------------------------------------------------------- training
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        special_tokens: list[str] | None = None,
+        pattern: str = GPT2_SPLIT_PATTERN,
+        num_workers: int | None = None,
+        show_progress: bool | None = None,
+    ) -> BPETokenizer:
+        """Learn a tokenizer of vocab_size tokens (256 bytes + merges + special tokens).
+
+        special_tokens: None means DEFAULT_SPECIAL_TOKENS; [] means none. Their text is cut
+        out of the corpus before anything is counted. Ties in pair frequency go to the
+        lexicographically greatest pair of byte strings, so training is deterministic.
+        show_progress: tqdm bars for counting and merging; None shows a bar once its stage
+        has run for more than a second.
+        """
+        special_tokens = list(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
+        num_new_tokens = vocab_size - 256 - len(special_tokens)
+        if num_new_tokens < 0:
+            raise ValueError(
+                f"vocab_size {vocab_size} is too small: it must be at least 256 bytes + {len(special_tokens)} special tokens"
+            )
+        word_counts = count_pre_tokens(texts, pattern, special_tokens, num_workers, show_progress)
+        merges = learn_merges(word_counts, num_new_tokens, show_progress)
+        tokens = [bytes([byte]) for byte in range(256)]
+        tokens += dict.fromkeys(a + b for a, b in merges)  # in order of creation, no repeats
+        return cls(dict(enumerate(tokens)), merges, special_tokens, pattern)
+
+    # ----------------------------------------------------------------- persistence
+
+    def to_dict(self) -> dict:
+        """The tokenizer as plain JSON-able data. Byte strings are written in GPT-2's
+        printable form (bytes_to_text), so merges read as text: ["Ġt", "he"]."""
+        return {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "pattern": self.pattern,
+            "special_tokens": self.special_tokens,
+            "vocab": [bytes_to_text(self.vocab[i]) for i in range(self.vocab_size)],
+            "merges": [[bytes_to_text(a), bytes_to_text(b)] for a, b in self.merges],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "tokenizer data") -> BPETokenizer:
+        """Inverse of to_dict; anything malformed raises TokenizerFileError naming `source`."""
+        if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
+            raise TokenizerFileError(f"{source}: not a tokenizer file of this project (no \"format\": \"{FILE_FORMAT}\")")
+        if data.get("version") != FILE_VERSION:
+            raise TokenizerFileError(f"{source}: tokenizer file version {data.get('version')!r}, this code reads {FILE_VERSION}")
+        try:
+            vocab = {i: text_to_bytes(token) for i, token in enumerate(data["vocab"])}
+            merges = [(text_to_bytes(a), text_to_bytes(b)) for a, b in data["merges"]]
+            specials = data["special_tokens"]
+            tokenizer = cls(vocab, merges, list(specials), data["pattern"])
+        except (KeyError, TypeError, ValueError, regex.error) as err:
+            raise TokenizerFileError(f"{source}: malformed tokenizer file: {err}") from None
+        if tokenizer.special_tokens != specials:
+            raise TokenizerFileError(f"{source}: special token ids {specials} do not match the vocabulary")
+        return tokenizer
+
+    def to_json(self) -> str:
+        """to_dict as JSON with one token and one merge per line, easy to read and diff."""
+        data = self.to_dict()
+        lines = [f" {json.dumps(key)}: {json.dumps(data[key], ensure_ascii=False)}," for key in data if key not in ("vocab", "merges")]
+        for key in ("vocab", "merges"):
+            items = ",\n".join(f"  {json.dumps(item, ensure_ascii=False)}" for item in data[key])
+            lines.append(f' {json.dumps(key)}: [\n{items}\n ]' + ("," if key == "vocab" else ""))
+        return "{\n" + "\n".join(lines) + "\n}\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "tokenizer JSON") -> BPETokenizer:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise TokenizerFileError(f"{source}: not valid JSON (truncated?): {err}") from None
+        return cls.from_dict(data, source)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer as one human-readable JSON file (atomically)."""
+        _write_atomically(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> BPETokenizer:
+        """Read a file written by save(); a missing or damaged file raises TokenizerFileError."""
+        return cls.from_json(_read_text(path), source=str(path))
+
+    def __getstate__(self) -> dict:
+        # Pickled only to hand the tokenizer to worker processes; the cache stays behind.
+        return {"vocab": self.vocab, "merges": self.merges, "special_tokens": list(self.special_tokens), "pattern": self.pattern}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    @classmethod
+    def from_gpt2_files(
+        cls, vocab_json: str | os.PathLike, merges_txt: str | os.PathLike, special_tokens: list[str] | None = None
+    ) -> BPETokenizer:
+        """Read GPT-2's vocab.json and merges.txt. special_tokens None means GPT-2's own
+        <|endoftext|> (id 50256); any others are appended after it."""
+        try:
+            encoder = json.loads(_read_text(vocab_json))
+            vocab = {int(i): text_to_bytes(token) for token, i in encoder.items()}
+            merges = []
+            for line in _read_text(merges_txt).splitlines():
+                if line.startswith("#version") or not line.strip():
+                    continue
+                a, b = line.split(" ")
+                merges.append((text_to_bytes(a), text_to_bytes(b)))
+        except (json.JSONDecodeError, AttributeError, ValueError) as err:
+            raise TokenizerFileError(f"{vocab_json} / {merges_txt}: not GPT-2 tokenizer files: {err}") from None
+        if special_tokens is None:
+            special_tokens = [ENDOFTEXT] if ENDOFTEXT.encode() in vocab.values() else []
+        return cls(vocab, merges, special_tokens)
+
+    def save_hf(self, path: str | os.PathLike) -> None:
+        """Write a Hugging Face tokenizer.json that tokenizers.Tokenizer.from_file loads and
+        that encodes exactly like this tokenizer: our regex as a Split pre-tokenizer, then
+        the byte-to-character map, then BPE with our vocabulary and merges."""
+        special_ids = set(self.special_tokens.values())
+        data = {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": [
+                {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+                for s, i in self.special_tokens.items()
+            ],
+            "normalizer": None,
+            "pre_tokenizer": {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
+                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+                ],
+            },
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+            "model": {
+                "type": "BPE",
+                "dropout": None,
+                "unk_token": None,
+                "continuing_subword_prefix": None,
+                "end_of_word_suffix": None,
+                "fuse_unk": False,
+                "byte_fallback": False,
+                "ignore_merges": False,
+                "vocab": {bytes_to_text(t): i for i, t in self.vocab.items() if i not in special_ids}
+                | {s: i for s, i in self.special_tokens.items()},
+                "merges": [[bytes_to_text(a), bytes_to_text(b)] for a, b in self.merges],
+            },
+        }
+        _write_atomically(path, json.dumps(data, ensure_ascii=False))
+
+
+# ------------------------------------------------------------------------ training
+
+def _progress(iterable, show: bool | None, **kwargs) -> tqdm:
+    """A tqdm bar: always (True), never (False), or once it has run a second (None)."""
+    return tqdm(iterable, disable=show is False, delay=1.0 if show is None else 0.0, **kwargs)
+
+
+def _batches(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
+    """Group texts into lists of about max_chars characters."""
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _count_batch(texts: list[str], pattern: str, special_tokens: Sequence[str]) -> Counter:
+    """Pre-token counts of some texts, with special-token text cut out first."""
+    findall = regex.compile(pattern).findall
+    special_regex = _special_regex(special_tokens, capture=False)
+    counts: Counter = Counter()
+    for text in texts:
+        for part in special_regex.split(text) if special_regex else (text,):
+            counts.update(findall(part))
+    return counts
+
+
+def count_pre_tokens(
+    texts: Iterable[str],
+    pattern: str = GPT2_SPLIT_PATTERN,
+    special_tokens: Sequence[str] = (),
+    num_workers: int | None = None,
+    show_progress: bool | None = None,
+) -> Counter:
+    """How often each pre-token occurs in the corpus: the only pass over the raw text.
+
+    Batches of PARALLEL_MIN_CHARS / 4 characters; when there is more than one batch they
+    are counted on num_workers processes (default: all cores) and the counts summed."""
+    count = partial(_count_batch, pattern=pattern, special_tokens=list(special_tokens))
+    batches = _batches(texts, PARALLEL_MIN_CHARS // 4)
+    first = list(islice(batches, 2))
+    workers = num_workers or os.cpu_count() or 1
+    if len(first) < 2 or workers == 1:
+        counts = Counter()
+        for batch in chain(first, batches):
+            counts.update(count(batch))
+        return counts
+    counts = Counter()
+    with _pool(workers) as pool:
+        results = pool.imap_unordered(count, chain(first, batches))
+        for batch_counts in _progress(results, show_progress, desc="counting pre-tokens", unit=" batches"):
+            counts.update(batch_counts)
+    return counts
+
+
+def _descending_key(token: bytes) -> tuple[int, ...]:
+    """A key whose ascending order is the descending order of byte strings: each byte b
+    becomes 255 - b and a final 256 ranks a string after everything it is a prefix of."""
+    return (*(255 - b for b in token), 256)
+
+
+def learn_merges(
+    word_counts: dict[str, int], num_new_tokens: int, show_progress: bool | None = False
+) -> list[tuple[bytes, bytes]]:
+    """Learn merges from pre-token counts until they have made num_new_tokens new tokens
+    (or no adjacent pair is left).
+
+    Each step takes the most frequent adjacent pair (ties: the greatest (left bytes,
+    right bytes)) and merges it everywhere. A merge whose result is already a token, made
+    from another pair ("a"+"bc" after "ab"+"c"), reuses that token, so in rare cases there
+    are more merges than new tokens. Two structures keep a step cheap:
+    - pair_counts, updated only for the words that contain the merged pair, instead of a
+      recount over the whole corpus;
+    - a heap of (-count, pair) with lazy deletion: a pair whose count changes is pushed
+      again, and a popped entry whose count is out of date is skipped.
+    pair_words[p] lists the words that contain (or once contained) pair p; a word that no
+    longer has it is skipped when p is merged.
+    """
+    words = [list(word.encode("utf-8")) for word in word_counts]
+    freqs = list(word_counts.values())
+    token_bytes = [bytes([b]) for b in range(256)]
+    token_ids = {token: i for i, token in enumerate(token_bytes)}
+    sort_key = [_descending_key(t) for t in token_bytes]
+
+    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
+    pair_words: dict[tuple[int, int], set[int]] = defaultdict(set)
+    for index, (word, freq) in enumerate(zip(words, freqs, strict=False)):
+        for pair in pairwise(word):
+            pair_counts[pair] += freq
+            pair_words[pair].add(index)
+    heap = [(-count, sort_key[a], sort_key[b], a, b) for (a, b), count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges: list[tuple[bytes, bytes]] = []
+    bar = _progress(None, show_progress, total=num_new_tokens, desc="merging")
+    while len(token_bytes) - 256 < num_new_tokens and heap:
+        neg_count, _, _, a, b = heapq.heappop(heap)
+        if pair_counts.get((a, b)) != -neg_count:
+            continue  # stale entry: the pair's count changed since it was pushed
+        merges.append((token_bytes[a], token_bytes[b]))
+        new_token = token_bytes[a] + token_bytes[b]
+        new_id = token_ids.get(new_token)
+        if new_id is None:
+            new_id = token_ids[new_token] = len(token_bytes)
+            token_bytes.append(new_token)
+            sort_key.append(_descending_key(new_token))
+            bar.update()
+
+        # Net change of every pair count touched by this merge, weighted by word frequency.
+        delta: dict[tuple[int, int], int] = defaultdict(int)
+        for index in pair_words.pop((a, b)):
+            word = words[index]
+            merged = merge_pair(word, a, b, new_id)
+            if len(merged) == len(word):
+                continue  # the pair left this word in an earlier merge
+            words[index] = merged
+            freq = freqs[index]
+            for pair in pairwise(word):
+                delta[pair] -= freq
+            for pair in pairwise(merged):
+                delta[pair] += freq
+                if new_id in pair:
+                    pair_words[pair].add(index)
+        for pair, change in delta.items():
+            if change:
+                count = pair_counts[pair] + change
+                if count:
+                    pair_counts[pair] = count
+                    heapq.heappush(heap, (-count, sort_key[pair[0]], sort_key[pair[1]], *pair))
+                else:
+                    del pair_counts[pair]
+    bar.close()
+    return merges
+
+
+# ---------------------------------------------------------------- worker processes
+
+_worker_tokenizer: BPETokenizer | None = None
+
+
+def _init_worker(tokenizer: BPETokenizer | None) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _encode_in_worker(text: str, allowed_special: str | Iterable[str]) -> list[int]:
+    return _worker_tokenizer.encode(text, allowed_special)
+
+
+def _pool(workers: int, tokenizer: BPETokenizer | None = None) -> multiprocessing.pool.Pool:
+    """A process pool; each worker receives the tokenizer once, not with every task."""
+    return multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
+
+
+# ------------------------------------------------------------------------ file I/O
+
+def _read_text(path: str | os.PathLike) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise TokenizerFileError(f"{path}: no such file") from None
+    except (IsADirectoryError, UnicodeDecodeError) as err:
+        raise TokenizerFileError(f"{path}: not a readable text file ({err})") from None
+
+
+def _write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write to a temporary file beside path, then rename it over path: a crash leaves
+    either the old file or the new one, never half of one."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

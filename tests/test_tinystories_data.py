@@ -1,0 +1,121 @@
+"""load_stories: every kind of source gives the same list of stories, and every failure
+gives one clear DataError."""
+
+import json
+
+import datasets
+import pytest
+
+import tinystories_data
+from tinystories_data import DataError, SplitNotFoundError, load_stories, read_story_file
+
+STORIES = ["Once upon a time there was a cat.", "Tom saw a big dog.\nHe ran home.", "The end."]
+
+
+def write_story_txt(path, stories):
+    path.write_text("".join(f"{story}\n<|endoftext|>\n" for story in stories), encoding="utf-8")
+    return path
+
+
+def test_txt_file_is_cut_at_every_endoftext(tmp_path):
+    path = write_story_txt(tmp_path / "stories.txt", STORIES)
+    assert load_stories(str(path)) == STORIES
+
+
+def test_separators_inside_lines_blank_stories_and_no_final_separator_are_handled(tmp_path):
+    path = tmp_path / "odd.txt"
+    path.write_text("  first story \n<|endoftext|>second<|endoftext|>\n\n<|endoftext|>third\n", encoding="utf-8")
+    assert list(read_story_file(path)) == ["  first story \n", "second", "\n\n", "third\n"]
+    assert load_stories(str(path)) == ["first story", "second", "third"]
+
+
+def test_folder_files_form_splits_by_name(tmp_path):
+    write_story_txt(tmp_path / "tinystories_train.txt", STORIES)
+    write_story_txt(tmp_path / "tinystories_valid.txt", ["A valid story."])
+    (tmp_path / "README.md").write_text("not data")
+    assert load_stories(str(tmp_path)) == STORIES
+    for alias in ("validation", "valid", "val"):
+        assert load_stories(str(tmp_path), split=alias) == ["A valid story."]
+    with pytest.raises(SplitNotFoundError, match="'test'"):
+        load_stories(str(tmp_path), split="test")
+
+
+def test_folder_without_split_names_is_all_train(tmp_path):
+    write_story_txt(tmp_path / "a.txt", STORIES[:2])
+    write_story_txt(tmp_path / "b.txt", STORIES[2:])
+    assert load_stories(str(tmp_path)) == STORIES
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet", ".csv"])
+def test_table_files_are_read_through_datasets(tmp_path, suffix):
+    table = datasets.Dataset.from_dict({"story": STORIES, "id": [1, 2, 3]})
+    path = tmp_path / f"stories{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps([{"story": s, "id": i} for i, s in enumerate(STORIES)]), encoding="utf-8")
+    elif suffix == ".jsonl":
+        table.to_json(str(path))
+    elif suffix == ".parquet":
+        table.to_parquet(str(path))
+    else:
+        table.to_csv(str(path), index=False)
+    assert load_stories(str(path), text_column="story") == STORIES
+    with pytest.raises(DataError, match=r"no column 'text' \(columns: \['story', 'id'\]\)"):
+        load_stories(str(path))
+
+
+def test_save_to_disk_folders_of_one_split_or_several(tmp_path):
+    table = datasets.Dataset.from_dict({"text": STORIES})
+    table.save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": table, "validation": table.select([0])}).save_to_disk(str(tmp_path / "many"))
+    assert load_stories(str(tmp_path / "one")) == STORIES
+    assert load_stories(str(tmp_path / "many"), split="validation") == STORIES[:1]
+    with pytest.raises(SplitNotFoundError, match=r"it has: \['train', 'validation'\]"):
+        load_stories(str(tmp_path / "many"), split="test")
+
+
+def test_a_seeded_sample_is_reproducible(tmp_path):
+    stories = [f"Story number {i}." for i in range(100)]
+    path = write_story_txt(tmp_path / "many.txt", stories)
+    first = load_stories(str(path), sample=10, seed=1)
+    assert len(first) == 10 and set(first) <= set(stories)
+    assert load_stories(str(path), sample=10, seed=1) == first
+    assert load_stories(str(path), sample=10, seed=2) != first
+    assert load_stories(str(path), sample=1000) == stories
+
+
+def test_single_file_has_only_a_train_split(tmp_path):
+    path = write_story_txt(tmp_path / "stories.txt", STORIES)
+    with pytest.raises(SplitNotFoundError, match="single file is one split"):
+        load_stories(str(path), split="validation")
+
+
+@pytest.mark.parametrize("name", ["missing.txt", "./data", "/no/such/dir", "a/b/c"])
+def test_missing_paths_say_so(name):
+    with pytest.raises(DataError, match="no such file or folder"):
+        load_stories(name)
+
+
+def test_empty_data_and_unknown_file_types_say_so(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("<|endoftext|>\n  \n<|endoftext|>\n", encoding="utf-8")
+    with pytest.raises(DataError, match="no stories"):
+        load_stories(str(empty))
+    (tmp_path / "data.xml").write_text("<a/>")
+    with pytest.raises(DataError, match=r"unknown file type '\.xml'"):
+        load_stories(str(tmp_path / "data.xml"))
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00 not utf-8")
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_stories(str(tmp_path / "bad.txt"))
+
+
+def test_unreachable_hub_fails_fast_and_points_to_a_local_path(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(tinystories_data, "_hub_reachable", lambda: False)
+    with pytest.raises(DataError, match=r"cannot reach the Hugging Face hub.*local path"):
+        load_stories("roneneldan/TinyStories")
+
+
+def test_shared_data_folder_has_its_train_and_validation_stories(shared_train_file):
+    folder = str(shared_train_file.parent)
+    assert len(load_stories(folder)) == 2983
+    assert len(load_stories(folder, split="validation")) == 686
