@@ -74,6 +74,12 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
+@lru_cache(maxsize=1)
+def unicode_to_bytes() -> dict[str, int]:
+    """The inverse of bytes_to_unicode."""
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
 def bytes_to_text(token: bytes) -> str:
     """b" the" -> "Ġthe" (see bytes_to_unicode)."""
     table = bytes_to_unicode()
@@ -82,9 +88,9 @@ def bytes_to_text(token: bytes) -> str:
 
 def text_to_bytes(token: str) -> bytes:
     """"Ġthe" -> b" the"; the inverse of bytes_to_text."""
-    inverse = {char: byte for byte, char in bytes_to_unicode().items()}
+    table = unicode_to_bytes()
     try:
-        return bytes(inverse[char] for char in token)
+        return bytes(table[char] for char in token)
     except KeyError as err:
         raise ValueError(f"{token!r} is not a byte-level token string (character {err.args[0]!r})") from None
 
@@ -105,13 +111,13 @@ def merge_pair(ids: list[int], a: int, b: int, new_id: int) -> list[int]:
     return merged
 
 
-def _special_regex(specials: Iterable[str], capture: bool) -> regex.Pattern | None:
+@lru_cache(maxsize=64)
+def _special_regex(specials: frozenset[str], capture: bool) -> regex.Pattern | None:
     """One alternation of the special tokens, longest first, so that when one is a prefix
-    of another ("<a>" and "<a>b") the longer wins."""
-    specials = sorted(specials, key=len, reverse=True)
+    of another ("<a>" and "<a>b") the longer wins. None when there are none."""
     if not specials:
         return None
-    body = "|".join(regex.escape(s) for s in specials)
+    body = "|".join(regex.escape(s) for s in sorted(specials, key=lambda s: (-len(s), s)))
     return regex.compile(f"({body})" if capture else body)
 
 
@@ -182,7 +188,7 @@ class BPETokenizer:
 
         self.pattern = pattern
         self._chunk_regex = regex.compile(pattern)
-        self._all_special_regex = _special_regex(self.special_tokens, capture=True)
+        self._all_special_regex = _special_regex(frozenset(self.special_tokens), capture=True)
         self._cache = _ChunkCache(self._encode_chunk)
 
     # ----------------------------------------------------------------- basic facts
@@ -246,7 +252,7 @@ class BPETokenizer:
             unknown = allowed - self.special_tokens.keys()
             if unknown:
                 raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)}; known: {list(self.special_tokens)}")
-        return _special_regex(allowed, capture=True), max(map(len, allowed), default=0)
+        return _special_regex(frozenset(allowed), capture=True), max(map(len, allowed), default=0)
 
     def encode(self, text: str, allowed_special: str | Iterable[str] = "all") -> list[int]:
         """Text -> token ids.
@@ -308,10 +314,10 @@ class BPETokenizer:
         yield from self.encode("".join(pieces), allowed_special)
 
     def _stable_cut(self, text: str, special_regex: regex.Pattern | None, keep: int) -> int:
-        """The largest position p such that text[:p] encodes the same whatever is appended
-        to text: the end of a special token, or of a pre-token that ends at least `keep`
-        characters before the end of text (so its lookahead and any partial special token
-        lie after it)."""
+        """A position p, as late as is safe, such that text[:p] encodes the same whatever
+        is appended to text: the end of a special token, or of a pre-token that ends at least
+        `keep` characters before the end of text (so its lookahead and any partial special
+        token lie after it)."""
         limit = len(text) - keep
         start, end = 0, len(text)
         for match in special_regex.finditer(text) if special_regex else ():
@@ -448,11 +454,11 @@ class BPETokenizer:
     ) -> BPETokenizer:
         """Read GPT-2's vocab.json and merges.txt. special_tokens None means GPT-2's own
         <|endoftext|> (id 50256); any others are appended after it."""
+        vocab_text, merges_text = _read_text(vocab_json), _read_text(merges_txt)
         try:
-            encoder = json.loads(_read_text(vocab_json))
-            vocab = {int(i): text_to_bytes(token) for token, i in encoder.items()}
+            vocab = {int(i): text_to_bytes(token) for token, i in json.loads(vocab_text).items()}
             merges = []
-            for line in _read_text(merges_txt).splitlines():
+            for line in merges_text.splitlines():
                 if line.startswith("#version") or not line.strip():
                     continue
                 a, b = line.split(" ")
@@ -527,7 +533,7 @@ def _batches(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
 def _count_batch(texts: list[str], pattern: str, special_tokens: Sequence[str]) -> Counter:
     """Pre-token counts of some texts, with special-token text cut out first."""
     findall = regex.compile(pattern).findall
-    special_regex = _special_regex(special_tokens, capture=False)
+    special_regex = _special_regex(frozenset(special_tokens), capture=False)
     counts: Counter = Counter()
     for text in texts:
         for part in special_regex.split(text) if special_regex else (text,):

@@ -38,6 +38,14 @@ from tinystories_data import load_stories
 VOCAB_SIZE = 10_000
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def median_seconds(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -138,7 +146,7 @@ def main() -> None:
     stories = load_stories(args.data)
     repeated = stories * args.copies
     random.Random(0).shuffle(repeated)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"tokenizers {tokenizers.__version__}, tiktoken {tiktoken.__version__}")
     print(f"data: {args.data}, {len(stories):,} stories; medians of {args.repeats} runs\n")
     print("| corpus | what | seconds or MB/s | ratio |")
