@@ -19,6 +19,7 @@ they map straight to their own id and never take part in merges.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import multiprocessing
@@ -39,6 +40,7 @@ GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p
 
 ENDOFTEXT = "<|endoftext|>"
 DEFAULT_SPECIAL_TOKENS = [ENDOFTEXT, "<user>", "<assistant>", "<system>"]
+CHAT_ROLES = ("system", "user", "assistant")
 
 FILE_FORMAT = "tinystories-transformer/bpe-tokenizer"
 FILE_VERSION = 1
@@ -335,6 +337,46 @@ class BPETokenizer:
             cut = match.end()
         return cut
 
+    # ------------------------------------------------------------------- chat
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = False, return_mask: bool = False
+    ) -> list[int] | tuple[list[int], list[bool]]:
+        """Token ids of a conversation, Hugging Face style: messages are
+        {"role": "system" | "user" | "assistant", "content": str}. Each turn is its role's
+        special token followed by its content; an assistant turn ends with <|endoftext|>:
+
+            <system>Be kind.<user>Tell me a story.<assistant>Once upon a time...<|endoftext|>
+
+        add_generation_prompt appends <assistant> so that a model continues with a reply.
+        Content is always plain text: "<user>" typed inside a message stays text and can
+        never start a turn. With return_mask, also returns which tokens are assistant
+        content or its closing <|endoftext|>: the only tokens a chat model is trained on.
+        """
+        ids: list[int] = []
+        mask: list[bool] = []
+        for index, message in enumerate(messages):
+            role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (None, None)
+            if role not in CHAT_ROLES:
+                raise ValueError(f"message {index}: role {role!r} is not one of {', '.join(CHAT_ROLES)}")
+            if not isinstance(content, str):
+                raise ValueError(f"message {index}: content must be a str, not {type(content).__name__}")
+            role_token = f"<{role}>"
+            if role_token not in self.special_tokens or ENDOFTEXT not in self.special_tokens:
+                raise ValueError(f"this tokenizer lacks the chat special tokens ({role_token}, {ENDOFTEXT})")
+            body = self.encode(content, allowed_special="none")
+            is_reply = role == "assistant"
+            if is_reply:
+                body.append(self.special_tokens[ENDOFTEXT])
+            ids += [self.special_tokens[role_token], *body]
+            mask += [False] + [is_reply] * len(body)
+        if add_generation_prompt:
+            if "<assistant>" not in self.special_tokens:
+                raise ValueError("this tokenizer lacks the <assistant> special token")
+            ids.append(self.special_tokens["<assistant>"])
+            mask.append(False)
+        return (ids, mask) if return_mask else ids
+
     # -------------------------------------------------------------------- decoding
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
@@ -431,6 +473,11 @@ class BPETokenizer:
         except json.JSONDecodeError as err:
             raise TokenizerFileError(f"{source}: not valid JSON (truncated?): {err}") from None
         return cls.from_dict(data, source)
+
+    def fingerprint(self) -> str:
+        """A short hash of the vocabulary, merges, special tokens and pattern: equal
+        fingerprints encode every text alike (used to key caches of encoded data)."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()[:16]
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as one human-readable JSON file (atomically)."""

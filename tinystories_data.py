@@ -13,18 +13,32 @@ load_stories(dataset, split, text_column, sample, seed) -> list[str]
 A single file is one split, "train".
 
 Everything goes through `datasets`, so one seeded sample serves every source.
+
+For training: encode_stories turns stories into one token stream, cached_tokens keeps it on
+disk so it is encoded once, and TokenWindows cuts it into (inputs, targets) windows.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
+import random
 import socket
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
 import datasets
+import numpy as np
+import regex
+import torch
+from tqdm.auto import tqdm
+
+from bpe_tokenizer import CHAT_ROLES, BPETokenizer
 
 DEFAULT_DATASET = "roneneldan/TinyStories"
 STORY_SEPARATOR = "<|endoftext|>"
@@ -204,12 +218,305 @@ def _load_from_hub(name: str, split: str) -> datasets.Dataset:
 
 def run_script(main: Callable[[], object], user_errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> None:
     """Run a script's main(). A user error (a bad path, a damaged file, data that cannot be
-    used) prints one line, `error: ...`, and exits with status 1; Ctrl-C exits with 130."""
+    used) prints one line, `error: ...`, and exits with status 1; Ctrl-C exits with 130,
+    after the script's own message (say, how to resume) if it gave one."""
     try:
         main()
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"\n{str(interrupt) or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
     except user_errors as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+# ------------------------------------------------------- token streams for training
+
+def encode_stories(stories: list[str], tokenizer: BPETokenizer, num_workers: int | None = None,
+                   desc: str = "encoding") -> np.ndarray:
+    """Stories -> one flat token stream, each story followed by <|endoftext|> (uint16 when
+    the vocabulary fits, as it does for 10k or GPT-2's 50k). Story text is encoded as plain
+    text: special-token look-alikes inside a story stay text."""
+    if STORY_SEPARATOR not in tokenizer.special_tokens:
+        raise DataError(f"the tokenizer has no {STORY_SEPARATOR} special token to separate stories")
+    end = tokenizer.special_tokens[STORY_SEPARATOR]
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    pieces = []
+    step = 20_000
+    for start in tqdm(range(0, len(stories), step), desc=desc, unit=" chunks", delay=1.0):
+        for ids in tokenizer.encode_batch(stories[start : start + step], num_workers, allowed_special="none"):
+            ids.append(end)
+            pieces.append(np.asarray(ids, dtype=dtype))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+
+
+def cached_tokens(cache_dir: str | os.PathLike, key: dict, build: Callable[[], np.ndarray]) -> np.ndarray:
+    """A token stream saved once as .npy under cache_dir and memory-mapped afterwards. key
+    (dataset, split, tokenizer fingerprint, sample size, ...) names the file, so a change
+    to any of them builds a new one; a .json beside it records the key."""
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"tokens-{name}.npy"
+    if not path.exists():
+        tokens = build()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.npy")
+        np.save(tmp, tokens)
+        os.replace(tmp, path)
+        path.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return np.load(path, mmap_mode="r")
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Causal language modelling over a flat token stream: item i is the window
+    tokens[i * block_size : (i + 1) * block_size + 1], returned as (inputs, targets), the
+    targets being the inputs shifted by one token. Windows do not overlap, and the stream
+    runs across story boundaries (stories are separated by <|endoftext|>)."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int):
+        if len(tokens) < block_size + 1:
+            raise DataError(f"{len(tokens)} tokens are too few for one window of block_size {block_size} + 1")
+        self.tokens = tokens
+        self.block_size = block_size
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - 1) // self.block_size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = index * self.block_size
+        window = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
+        return window[:-1], window[1:]
+
+
+# ------------------------------------------------------------------ conversations
+#
+# Chat data is a list of conversations, each a list of {"role", "content"} messages: the
+# format of chat data sets on the hub. It comes from a "messages" column, from
+# TinyStoriesInstruct-style text (metadata lines, then "Story:"), or is built from plain
+# stories (conversations_from_stories).
+
+INSTRUCT_FEATURES = {
+    "dialogue": "has some dialogue", "twist": "has a twist", "badending": "has a sad ending",
+    "moralvalue": "teaches a lesson", "foreshadowing": "uses foreshadowing", "conflict": "has a conflict",
+}
+SYSTEM_PROMPTS = [
+    "You write short, simple stories for young children.",
+    "You are a friendly storyteller. Use easy words.",
+    "You are a helpful assistant who tells kind stories.",
+]
+STOPWORDS = frozenset("""the and was were had have has with that this they them then there their when
+    what said very from into onto upon your you she her his him for but not are all one day time could would
+    should will just like some went came saw see look looked says big little named because ever also""".split())
+
+
+def load_conversations(dataset: str, split: str = "train", sample: int = 0, seed: int = 0,
+                       column: str = "messages") -> list[list[dict]]:
+    """Conversations from a hub id or a local path: a `column` of messages, or text in the
+    TinyStoriesInstruct layout, each entry turned into a request and the story as the reply."""
+    table = load_split(dataset, split)
+    if sample and sample < len(table):
+        table = table.shuffle(seed=seed).select(range(sample))
+    if column in table.column_names:
+        conversations = [check_messages(messages, f"{dataset} row {i}") for i, messages in enumerate(table[column])]
+    elif "text" in table.column_names:
+        rng = random.Random(seed)
+        entries = [parse_instruct_entry(text) for text in instruct_entries(list(table["text"]))]
+        conversations = [instruct_conversation(entry, rng) for entry in entries if entry]
+    else:
+        raise DataError(f"{dataset}: no {column!r} column of messages and no text (columns: {table.column_names})")
+    if not conversations:
+        raise DataError(f"{dataset}: no conversations in split {split!r}")
+    return conversations
+
+
+def check_messages(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: messages must be a non-empty list")
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES or not isinstance(message.get("content"), str):
+            raise DataError(f"{where}: each message needs a role ({', '.join(CHAT_ROLES)}) and a text content")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def instruct_entries(texts: list[str]) -> list[str]:
+    """TinyStoriesInstruct entries. Its .txt files hold whole entries between <|endoftext|>
+    lines (read_story_file already split them); on the hub every line is a row of its own,
+    with <|endoftext|> rows between entries, so those rows are joined back first."""
+    if any(text.strip() == STORY_SEPARATOR for text in texts):
+        return [entry for entry in "\n".join(texts).split(STORY_SEPARATOR) if entry.strip()]
+    return texts
+
+
+@dataclasses.dataclass
+class InstructEntry:
+    story: str
+    features: list[str] = dataclasses.field(default_factory=list)
+    words: list[str] = dataclasses.field(default_factory=list)
+    summary: str = ""
+    sentence: str = ""
+
+
+def parse_instruct_entry(entry: str) -> InstructEntry | None:
+    """Metadata lines in any order ("Features: Dialogue, Twist", "Words: quit, oak, gloomy",
+    "Summary: ...", "Random sentence: ..."), then "Story:" and the story. None without a story."""
+    fields: dict[str, str] = {}
+    story: list[str] | None = None
+    for line in entry.splitlines():
+        if story is not None:
+            story.append(line)
+            continue
+        key, colon, value = line.partition(":")
+        key = key.strip().lower()
+        if colon and key == "story":
+            story = [value.strip()]
+        elif colon and key in ("features", "words", "summary", "random sentence"):
+            fields[key] = value.strip()
+    text = "\n".join(story).strip() if story else ""
+    if not text:
+        return None
+
+    def items(value: str) -> list[str]:
+        return [item.strip() for item in value.split(",") if item.strip()]
+
+    return InstructEntry(text, items(fields.get("features", "")), items(fields.get("words", "")),
+                         fields.get("summary", ""), fields.get("random sentence", ""))
+
+
+def join_words(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def instruct_conversation(entry: InstructEntry, rng: random.Random) -> list[dict]:
+    """A user request written from the entry's metadata in one of several phrasings, and the
+    story as the reply."""
+    wishes = []
+    if entry.words:
+        wishes.append(f"uses the words {join_words(entry.words)}")
+    wishes += [INSTRUCT_FEATURES[f.lower()] for f in entry.features if f.lower() in INSTRUCT_FEATURES]
+    if entry.sentence:
+        wishes.append(f'includes the sentence "{entry.sentence}"')
+    if entry.summary:
+        wishes.append(f"is about this: {entry.summary}")
+    rng.shuffle(wishes)
+    if not wishes:
+        request = rng.choice(["Tell me a story.", "Write a short story for a child."])
+    else:
+        request = rng.choice(["Write a story that {}.", "Can you tell me a story that {}?",
+                              "Please write a short story that {}."]).format(join_words(wishes).rstrip(".!? "))
+    return [{"role": "user", "content": request}, {"role": "assistant", "content": entry.story}]
+
+
+def story_sentences(story: str) -> list[str]:
+    return [s for s in regex.split(r"(?<=[.!?][\"”’']?)\s+", story.strip()) if s]
+
+
+def story_names(story: str) -> list[str]:
+    """Capitalised words met at least twice other than as a sentence's first word: the
+    story's characters (Lily, Tom, Max), most frequent first."""
+    counts = Counter(word for sentence in story_sentences(story) for word in regex.findall(r"\b[A-Z][a-z]+\b", sentence)[1:])
+    return [word for word, count in counts.most_common() if count >= 2]
+
+
+def story_words(story: str) -> list[str]:
+    """Distinct content words of a story (lower case, four letters or more, not common)."""
+    words = dict.fromkeys(w for w in regex.findall(r"\b[a-z]{4,}\b", story) if w not in STOPWORDS)
+    return list(words)
+
+
+def _request_for(story: str, rng: random.Random, first: bool) -> tuple[str, str]:
+    """One task derived from the story alone: (request, reply), the reply taken from it."""
+    tasks = []
+    names = story_names(story)
+    if names:
+        name = rng.choice(names[:2])
+        tasks.append((rng.choice([f"Tell me a story about {name}.", f"Write a story about someone called {name}.",
+                                  f"Can you tell me a story with {name} in it?"]), story))
+    words = story_words(story)
+    if len(words) >= 3:
+        chosen = rng.sample(words, 3)
+        tasks.append((rng.choice(["Write a story that uses the words {}.", "Tell me a story with the words {}.",
+                                  "Please write a short story using the words {}."]).format(join_words(chosen)), story))
+    sentences = story_sentences(story)
+    if len(sentences) >= 4:
+        cut = rng.choice([1, 2])
+        opening = " ".join(sentences[:cut])
+        rest = story[story.index(sentences[cut - 1]) + len(sentences[cut - 1]):].strip()
+        if rest:
+            tasks.append((rng.choice(["Continue this story: {}", "Finish this story: {}",
+                                      "Here is the start of a story. Please go on: {}"]).format(opening), rest))
+    generic = ["Tell me a story.", "Write a short story for a child.", "Can you tell me a bedtime story?"]
+    if not first:
+        generic = ["Tell me another story.", "Now tell me a different story.", "One more story, please."]
+    tasks.append((rng.choice(generic), story))
+    return rng.choice(tasks)
+
+
+def conversations_from_stories(stories: list[str], seed: int = 0, multi_turn: float = 0.3,
+                               system: float = 0.3) -> list[list[dict]]:
+    """Conversations made from plain stories only, every reply a piece of a real story:
+    "Tell me a story about <a character>", "Write a story that uses the words <three of its
+    words>", "Continue this story: <its opening sentences>" (the reply is the rest), or a plain
+    request. A share become two-turn (a second request answered by the next story), and a
+    share start with a system prompt. Seeded."""
+    rng = random.Random(seed)
+    conversations = []
+    for index, story in enumerate(stories):
+        messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < system else []
+        request, reply = _request_for(story, rng, first=True)
+        messages += [{"role": "user", "content": request}, {"role": "assistant", "content": reply}]
+        if rng.random() < multi_turn and len(stories) > 1:
+            request, reply = _request_for(stories[(index + 1) % len(stories)], rng, first=False)
+            messages += [{"role": "user", "content": request}, {"role": "assistant", "content": reply}]
+        conversations.append(messages)
+    return conversations
+
+
+def fit_conversation(messages: list[dict], tokenizer: BPETokenizer, max_tokens: int,
+                     add_generation_prompt: bool = False) -> tuple[list[dict], int]:
+    """Drop the oldest turns (a system prompt stays) until the conversation's template fits
+    in max_tokens; returns the kept messages and how many were dropped. A conversation
+    never starts with an assistant turn; the last turn is never dropped."""
+    kept = list(messages)
+    dropped = 0
+    while len(tokenizer.apply_chat_template(kept, add_generation_prompt)) > max_tokens:
+        first = 1 if kept and kept[0]["role"] == "system" else 0
+        if len(kept) - first <= 1:
+            break  # only the newest turn is left: the caller cuts its tokens
+        del kept[first]
+        dropped += 1
+        while len(kept) - first > 1 and kept[first]["role"] == "assistant":
+            del kept[first]
+            dropped += 1
+    return kept, dropped
+
+
+class ChatExamples(torch.utils.data.Dataset):
+    """Conversations as training rows of block_size tokens: (inputs, targets) with targets
+    -100 everywhere but on assistant tokens, so the loss is the assistant's alone. One
+    conversation per row, padded at the end with <|endoftext|>, so attention never crosses
+    from one conversation into another. Too long a conversation loses its oldest turns
+    first (truncated_turns counts them); what still does not fit is cut at the end."""
+
+    def __init__(self, conversations: list[list[dict]], tokenizer: BPETokenizer, block_size: int):
+        pad = tokenizer.special_tokens[STORY_SEPARATOR]
+        rows, targets = [], []
+        self.truncated_turns = self.cut_conversations = 0
+        for messages in conversations:
+            messages, dropped = fit_conversation(messages, tokenizer, block_size + 1)
+            self.truncated_turns += dropped
+            ids, mask = tokenizer.apply_chat_template(messages, return_mask=True)
+            if len(ids) > block_size + 1:
+                self.cut_conversations += 1
+                ids, mask = ids[: block_size + 1], mask[: block_size + 1]
+            padding = block_size + 1 - len(ids)
+            ids, mask = ids + [pad] * padding, mask + [False] * padding
+            rows.append(ids[:-1])
+            targets.append([token if keep else -100 for token, keep in zip(ids[1:], mask[1:], strict=True)])
+        if not rows:
+            raise DataError("no conversations to train on")
+        self.inputs, self.targets = torch.tensor(rows), torch.tensor(targets)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.targets[index]

@@ -22,37 +22,18 @@ import os
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tiktoken
 import tokenizers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+from bench_utils import SHARED_DATA, cpu_name, median_seconds
 from bpe_tokenizer import DEFAULT_SPECIAL_TOKENS, BPETokenizer, count_pre_tokens, learn_merges
 from tinystories_data import load_stories
 
 VOCAB_SIZE = 10_000
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def hf_train(stories: list[str]) -> Tokenizer:
@@ -138,7 +119,7 @@ def bench_corpus(label: str, stories: list[str], repeats: int) -> list[tuple[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/tinystories_train.txt"))
+    parser.add_argument("--data", default=str(SHARED_DATA / "tinystories_train.txt"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--copies", type=int, default=8)
     args = parser.parse_args()

@@ -16,4 +16,4 @@ def test_ci_runs_the_readme_test_command():
 
 def test_requirements_admit_the_torch_build_ci_installs():
     requirements = (REPO / "requirements.txt").read_text(encoding="utf-8")
-    assert re.search(r"^torch>=2\.3$", requirements, re.M)
+    assert re.search(r"^torch>=2\.4$", requirements, re.M)

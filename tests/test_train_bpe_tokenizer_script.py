@@ -4,11 +4,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
 
 import tinystories_data
 import train_bpe_tokenizer_hf
 from bpe_tokenizer import BPETokenizer
+from conftest import REPO
 from tinystories_data import run_script
 
 STORIES = [f"Once upon a time, a little {animal} named {name} found {n} shiny stones." for n, (animal, name) in

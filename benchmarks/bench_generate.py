@@ -1,0 +1,97 @@
+"""Generation speed: our KV-cache decoding against Hugging Face generate, same weights.
+
+    python benchmarks/bench_generate.py --repeats 3
+
+A GPT-2-shaped configuration of the default size (learned positions, full attention,
+gelu_tanh; 5.85M parameters) is copied into transformers.GPT2LMHeadModel with to_hf_gpt2, so
+both run identical weights. CPU, float32, a 16-token prompt and 256 new tokens (no end token,
+so every run makes all 256), tokens/second as a median of --repeats runs:
+batch 1 greedy, temperature sampling, top-p sampling (p = 0.9) and beam search with 4 beams,
+ours and Hugging Face's;
+ours without a cache (the whole sequence recomputed every step: what the cache buys); ours
+with --quantize int8; and batch 16 sampling. The compute limit is the matmul peak measured
+in the same run over 2 x parameters FLOPs per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import warnings
+
+import torch
+
+from bench_utils import interleaved_seconds, machine_line, matmul_peak, memory_bandwidth
+from transformer_model import TransformerConfig, TransformerLM, beam_search, generate, quantize_int8, to_hf_gpt2
+
+PROMPT_TOKENS, NEW_TOKENS = 16, 256
+
+
+@torch.no_grad()
+def greedy_without_cache(model: TransformerLM, prompt: torch.Tensor, steps: int) -> None:
+    ids = prompt
+    for _ in range(steps):
+        ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+
+    config = TransformerConfig(position_embedding="learned", window_size=None, activation="gelu_tanh")
+    ours = TransformerLM(config).eval()
+    hf = to_hf_gpt2(ours)
+    quantized = quantize_int8(ours)
+    ours_bf16, hf_bf16 = copy.deepcopy(ours).to(torch.bfloat16), copy.deepcopy(hf).to(torch.bfloat16)
+    prompt = torch.randint(0, config.vocab_size, (1, PROMPT_TOKENS))
+    batch_prompt = torch.randint(0, config.vocab_size, (16, PROMPT_TOKENS))
+    hf_settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0)
+    cases = [
+        ("batch 1, greedy", 1,
+         lambda: generate(ours, prompt, NEW_TOKENS, do_sample=False),
+         lambda: hf.generate(prompt, do_sample=False, **hf_settings)),
+        ("batch 1, temperature 0.8 sampling", 1,
+         lambda: generate(ours, prompt, NEW_TOKENS, temperature=0.8, seed=0),
+         lambda: hf.generate(prompt, do_sample=True, temperature=0.8, top_k=0, **hf_settings)),
+        ("batch 1, top-p 0.9 sampling", 1,
+         lambda: generate(ours, prompt, NEW_TOKENS, top_p=0.9, seed=0),
+         lambda: hf.generate(prompt, do_sample=True, top_p=0.9, top_k=0, **hf_settings)),
+        ("batch 1, beam search, 4 beams", 1,
+         lambda: beam_search(ours, prompt, num_beams=4, max_new_tokens=NEW_TOKENS),
+         lambda: hf.generate(prompt, do_sample=False, num_beams=4, **hf_settings)),
+        ("batch 16, top-p 0.9 sampling", 16,
+         lambda: generate(ours, batch_prompt, NEW_TOKENS, top_p=0.9, seed=0),
+         lambda: hf.generate(batch_prompt, do_sample=True, top_p=0.9, top_k=0, **hf_settings)),
+        ("batch 1, greedy, bf16 weights", 1,
+         lambda: generate(ours_bf16, prompt, NEW_TOKENS, do_sample=False),
+         lambda: hf_bf16.generate(prompt, do_sample=False, **hf_settings)),
+        ("batch 1, greedy, --quantize int8", 1, lambda: generate(quantized, prompt, NEW_TOKENS, do_sample=False), None),
+        ("batch 1, greedy, no KV cache", 1, lambda: greedy_without_cache(ours, prompt, NEW_TOKENS), None),
+    ]
+
+    peak, bandwidth = matmul_peak(torch.float32), memory_bandwidth()
+    weight_bytes = 4 * ours.num_parameters()
+    compute_limit, read_limit = peak / (2 * ours.num_parameters()), bandwidth / weight_bytes
+    print(machine_line())
+    print(f"matmul peak {peak / 1e12:.3f} TFLOP/s, streaming read {bandwidth / 1e9:.1f} GB/s; "
+          f"{ours.num_parameters():,} parameters ({weight_bytes / 1e6:.1f} MB in float32)")
+    print(f"batch-1 limits in float32: compute {compute_limit:,.0f} tokens/s (2 x parameters FLOPs per token), "
+          f"weight reads {read_limit:,.0f} tokens/s (every weight read once per step)\n")
+    print("| case | ours tokens/s | HF tokens/s | ours / HF | ours / compute limit | ours / weight-read limit |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, batch, run_ours, run_hf in cases:
+        tokens = batch * NEW_TOKENS
+        seconds = interleaved_seconds([run_ours] if run_hf is None else [run_ours, run_hf], args.repeats, warmup=1)
+        ours_tps = tokens / seconds[0]
+        hf_cells = f"{tokens / seconds[1]:,.0f} | {seconds[1] / seconds[0]:.2f}x" if run_hf else " | "
+        bytes_per_weight = 1 if "int8" in name else 2 if "bf16" in name else 4
+        step_limit = read_limit * 4 / bytes_per_weight  # steps per second; each step makes `batch` tokens
+        print(f"| {name} | {ours_tps:,.0f} | {hf_cells} | {ours_tps / compute_limit:.1%} | "
+              f"{ours_tps / (step_limit * batch):.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Chat with a TinyStories chat model in the terminal.
+
+    python chat_with_tinystories_model.py --temperature 0.7
+    python chat_with_tinystories_model.py --model_path tinystories_chat_model/final_model.pth --system "Be kind."
+    printf 'Tell me a story about a dog.\\nAnother one, please.\\n' | python chat_with_tinystories_model.py
+
+Type a message and press Enter; the reply streams as it is written. Ctrl-C stops a reply,
+Ctrl-D (or /quit) leaves. When standard input is not a terminal, each line is one message and
+the conversation is printed as a transcript.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from tinystories_data import fit_conversation, run_script
+from transformer_model import load_checkpoint, stream
+
+DEFAULT_MODEL = str(Path(__file__).resolve().parent / "pretrained" / "tinystories_chat.pth")
+HELP = """commands:
+  /help                 this list
+  /reset                forget the conversation (the system prompt stays)
+  /system TEXT          set the system prompt (empty TEXT removes it)
+  /set NAME VALUE       temperature, top_k, top_p, max_new_tokens, repetition_penalty or seed
+  /history              show the conversation
+  /save FILE            write the conversation as JSON ({"messages": [...]})
+  /quit                 leave (Ctrl-D works too); Ctrl-C stops a reply"""
+SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "max_new_tokens": int,
+            "repetition_penalty": float, "seed": int}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_path", default=DEFAULT_MODEL, help="default: the released pretrained/tinystories_chat.pth")
+    parser.add_argument("--system", default=None, help="a system prompt for the whole conversation")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top_k", type=int, default=0)
+    parser.add_argument("--top_p", type=float, default=0.95)
+    parser.add_argument("--repetition_penalty", type=float, default=1.0)
+    parser.add_argument("--max_new_tokens", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+    return parser.parse_args(argv)
+
+
+class ChatSession:
+    """A conversation with the model: the history, the sampling settings, and the rule that
+    keeps the prompt inside the context (oldest turns go first, the system prompt stays)."""
+
+    def __init__(self, model, tokenizer, settings: dict, system: str | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.settings = dict(settings)
+        self.system = system
+        self.messages: list[dict] = []
+        self.generator = torch.Generator(model.embed_tokens.weight.device)
+        self.reseed()
+
+    def reseed(self) -> None:
+        seed = self.settings.get("seed")
+        if seed is None:
+            self.generator.seed()  # a fresh random seed
+        else:
+            self.generator.manual_seed(seed)
+
+    def conversation(self) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.messages
+
+    def prompt_ids(self) -> tuple[list[int], int]:
+        """The tokens to continue, and how many old turns had to be dropped to fit."""
+        context = self.model.config.max_position_embeddings
+        room = max(context - self.settings["max_new_tokens"], context // 2)  # a long reply may slide past the context
+        kept, dropped = fit_conversation(self.conversation(), self.tokenizer, room, add_generation_prompt=True)
+        if dropped:
+            self.messages = [m for m in kept if m["role"] != "system"]
+        ids = self.tokenizer.apply_chat_template(kept, add_generation_prompt=True)
+        return ids[-room:], dropped
+
+    def reply(self, text: str):
+        """Stream the reply to a user message; the (possibly interrupted) reply joins the
+        history when the stream ends."""
+        self.messages.append({"role": "user", "content": text})
+        ids, dropped = self.prompt_ids()
+        if dropped:
+            yield f"[{dropped} oldest messages dropped to fit the context] "
+        eos = self.tokenizer.special_tokens["<|endoftext|>"]
+        pieces: list[str] = []
+        knobs = {k: v for k, v in self.settings.items() if k not in ("seed", "max_new_tokens")}
+        try:
+            for piece in stream(self.model, self.tokenizer, ids, self.settings["max_new_tokens"], eos_token_id=eos,
+                                generator=self.generator, **knobs):
+                pieces.append(piece)
+                yield piece
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+    def command(self, line: str) -> str:
+        """Run a /command; returns what to print."""
+        name, _, rest = line[1:].partition(" ")
+        rest = rest.strip()
+        if name == "help":
+            return HELP
+        if name == "reset":
+            self.messages = []
+            return "(conversation forgotten)"
+        if name == "system":
+            self.system = rest or None
+            return f"(system prompt: {self.system!r})"
+        if name == "history":
+            return "\n".join(f"{m['role']}: {m['content']}" for m in self.conversation()) or "(empty)"
+        if name == "save":
+            if not rest:
+                return "usage: /save FILE"
+            try:
+                Path(rest).write_text(json.dumps({"messages": self.conversation()}, ensure_ascii=False, indent=1),
+                                      encoding="utf-8")
+            except OSError as err:
+                return f"cannot write {rest}: {err.strerror}"
+            return f"(saved to {rest})"
+        if name == "set":
+            key, _, value = rest.partition(" ")
+            if key not in SETTINGS:
+                return f"usage: /set NAME VALUE, NAME one of {', '.join(SETTINGS)}"
+            try:
+                self.settings[key] = SETTINGS[key](value)
+            except ValueError:
+                return f"/set {key}: {value!r} is not a {SETTINGS[key].__name__}"
+            if key == "seed":
+                self.reseed()
+            return f"({key} = {self.settings[key]})"
+        return f"unknown command /{name}; /help lists them"
+
+
+def clean(line: str) -> str:
+    """Drop control characters (a stray escape or NUL from a paste); keep tabs and all text."""
+    return "".join(c for c in line if c == "\t" or c.isprintable()).strip()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.model_path == DEFAULT_MODEL and not Path(DEFAULT_MODEL).exists():
+        raise ValueError(f"{DEFAULT_MODEL} is not here: fine-tune one (train_tinystories_chat_model.py) and pass "
+                         "--model_path tinystories_chat_model/final_model.pth")
+    model, tokenizer, _ = load_checkpoint(args.model_path, device=args.device)
+    if "<assistant>" not in tokenizer.special_tokens:
+        raise ValueError(f"{args.model_path}: not a chat model (its tokenizer has no <assistant> token)")
+    settings = {name: getattr(args, name) for name in SETTINGS}
+    session = ChatSession(model, tokenizer, settings, args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):  # line editing and history for input(), where there is readline
+            import readline  # noqa: F401
+        print("Chat with a TinyStories model. /help lists the commands; Ctrl-D leaves.")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /quit to leave)")
+            continue
+        line = clean(line)
+        if not line:
+            continue
+        if not interactive:
+            print(f"> {line}")
+        if line in ("/quit", "/exit"):
+            return
+        if line.startswith("/"):
+            print(session.command(line))
+            continue
+        try:
+            for piece in session.reply(line):
+                print(piece, end="", flush=True)
+            print()
+        except KeyboardInterrupt:
+            print(" [stopped]")
+
+
+if __name__ == "__main__":
+    run_script(main)

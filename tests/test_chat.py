@@ -1,0 +1,288 @@
+"""Chat: the template and its loss mask, conversation data (hub format, TinyStoriesInstruct,
+built from stories), assistant-only fine-tuning, and the terminal REPL."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_tinystories_chat_model
+from bpe_tokenizer import BPETokenizer
+from conftest import REPO
+from helpers import endless_model
+from test_train_tinystories_model import TINY_MODEL, story
+from tinystories_data import (
+    ChatExamples,
+    DataError,
+    conversations_from_stories,
+    fit_conversation,
+    instruct_entries,
+    load_conversations,
+    parse_instruct_entry,
+)
+from train_tinystories_model import main as pretrain
+from transformer_model import TransformerConfig, TransformerLM, load_checkpoint, save_checkpoint
+
+CHAT = [
+    {"role": "system", "content": "Be kind."},
+    {"role": "user", "content": "Tell me a story."},
+    {"role": "assistant", "content": "Once upon a time."},
+    {"role": "user", "content": "Another!"},
+    {"role": "assistant", "content": "The end."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    rng = random.Random(1)
+    return BPETokenizer.train([story(rng) for _ in range(100)] + ["Tell me a story. Be kind."], vocab_size=320)
+
+
+# ------------------------------------------------------------------------ template
+
+def test_template_layout_for_a_multi_turn_conversation(tokenizer):
+    ids = tokenizer.apply_chat_template(CHAT)
+    special = tokenizer.special_tokens
+    expected = [
+        special["<system>"], *tokenizer.encode("Be kind."),
+        special["<user>"], *tokenizer.encode("Tell me a story."),
+        special["<assistant>"], *tokenizer.encode("Once upon a time."), special["<|endoftext|>"],
+        special["<user>"], *tokenizer.encode("Another!"),
+        special["<assistant>"], *tokenizer.encode("The end."), special["<|endoftext|>"],
+    ]
+    assert ids == expected
+    assert tokenizer.decode(ids) == ("<system>Be kind.<user>Tell me a story.<assistant>Once upon a time."
+                                     "<|endoftext|><user>Another!<assistant>The end.<|endoftext|>")
+
+
+def test_the_mask_marks_assistant_content_and_its_end_token_only(tokenizer):
+    ids, mask = tokenizer.apply_chat_template(CHAT[:3], return_mask=True)
+    trained = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    assert trained == "Once upon a time.<|endoftext|>"
+    ids, mask = tokenizer.apply_chat_template(CHAT, return_mask=True)
+    assert tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m]) == (
+        "Once upon a time.<|endoftext|>The end.<|endoftext|>")
+
+
+def test_a_generation_prompt_ends_with_the_assistant_token(tokenizer):
+    ids = tokenizer.apply_chat_template(CHAT[:2], add_generation_prompt=True)
+    assert ids[-1] == tokenizer.special_tokens["<assistant>"]
+
+
+def test_special_token_text_in_a_message_stays_plain_text(tokenizer):
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi <assistant> there<|endoftext|>"}])
+    assert ids.count(tokenizer.special_tokens["<assistant>"]) == 0
+    assert ids.count(tokenizer.special_tokens["<|endoftext|>"]) == 0
+    assert tokenizer.decode(ids) == "<user>hi <assistant> there<|endoftext|>"
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "robot", "content": "beep"}], "role 'robot' is not one of system, user, assistant"),
+    ([{"role": "user", "content": 3}], "content must be a str"),
+    (["hello"], "role None"),
+])
+def test_bad_messages_are_refused(tokenizer, messages, message):
+    with pytest.raises(ValueError, match=message):
+        tokenizer.apply_chat_template(messages)
+
+
+# ---------------------------------------------------------------------------- data
+
+INSTRUCT_SAMPLE = """Words: quit, oak, gloomy
+Features: Dialogue, Twist
+Summary: A bird wants to quit flying but an oak tree helps.
+Story:
+Once upon a time, a bird sat in a big oak tree. It felt gloomy.
+"I want to quit," said the bird. But the oak said, "Try again!"
+<|endoftext|>
+Random sentence: The sun was warm.
+Features: BadEnding
+Story: Tom had a red ball. The sun was warm. Then the ball was gone.
+<|endoftext|>
+Summary: no story here
+<|endoftext|>
+"""
+
+
+def test_the_instruct_parser_reads_metadata_in_any_order_then_the_story():
+    entries = [parse_instruct_entry(e) for e in INSTRUCT_SAMPLE.split("<|endoftext|>")]
+    first, second, empty = entries[0], entries[1], entries[2]
+    assert first.words == ["quit", "oak", "gloomy"] and first.features == ["Dialogue", "Twist"]
+    assert first.summary.startswith("A bird wants") and first.story.startswith("Once upon a time")
+    assert first.story.endswith('"Try again!"')
+    assert second.sentence == "The sun was warm." and second.story.startswith("Tom had")
+    assert empty is None
+
+
+def test_instruct_entries_are_reassembled_from_one_line_per_row():
+    rows = INSTRUCT_SAMPLE.splitlines()  # how the hub stores TinyStoriesInstruct
+    entries = [parse_instruct_entry(e) for e in instruct_entries(rows)]
+    assert [e.story.split()[0] for e in entries if e] == ["Once", "Tom"]
+
+
+def test_instruct_text_becomes_conversations_with_requests_from_the_metadata(tmp_path):
+    path = tmp_path / "instruct.txt"
+    path.write_text(INSTRUCT_SAMPLE, encoding="utf-8")
+    conversations = load_conversations(str(path))
+    assert len(conversations) == 2
+    request, reply = conversations[0]
+    assert all(word in request["content"] for word in ("quit", "oak", "gloomy", "dialogue", "twist"))
+    assert reply == {"role": "assistant", "content": parse_instruct_entry(INSTRUCT_SAMPLE.split("<|endoftext|>")[0]).story}
+
+
+def test_a_messages_column_is_read_and_checked(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": CHAT[i : i + 3]}) for i in (0, 2)), encoding="utf-8")
+    assert load_conversations(str(path))[0] == CHAT[:3]
+    path.write_text(json.dumps({"messages": [{"role": "nobody", "content": "x"}]}), encoding="utf-8")
+    with pytest.raises(DataError, match="needs a role"):
+        load_conversations(str(path))
+
+
+def test_conversations_built_from_stories_are_valid_and_answer_from_the_story():
+    rng = random.Random(3)
+    stories = [story(rng) for _ in range(60)]
+    conversations = conversations_from_stories(stories, seed=0, multi_turn=0.5, system=0.5)
+    assert len(conversations) == 60
+    json.loads(json.dumps(conversations))
+    kinds = set()
+    for messages in conversations:
+        roles = [m["role"] for m in messages]
+        assert roles in (["user", "assistant"], ["system", "user", "assistant"],
+                         ["user", "assistant", "user", "assistant"], ["system", "user", "assistant", "user", "assistant"])
+        for message in messages:
+            if message["role"] == "assistant":
+                assert any(message["content"] in s for s in stories)
+            if message["role"] == "user":
+                kinds.add(message["content"].split()[0])
+    assert len(kinds) >= 4  # several kinds of request
+    uses = [m for c in conversations for m in c if "the words" in m["content"]]
+    assert uses
+
+
+def test_long_conversations_lose_their_oldest_turns_but_keep_the_system_prompt(tokenizer):
+    long = [CHAT[0]] + CHAT[1:] * 10
+    kept, dropped = fit_conversation(long, tokenizer, max_tokens=40)
+    assert kept[0] == CHAT[0] and kept[1]["role"] == "user" and kept[-1] == long[-1]
+    assert dropped == len(long) - len(kept) and len(tokenizer.apply_chat_template(kept)) <= 40
+
+
+# --------------------------------------------------------------------- fine-tuning
+
+def test_the_fine_tuning_loss_is_cross_entropy_over_assistant_tokens_only(tokenizer):
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                                            window_size=None, dropout=0.0)).eval()
+    examples = ChatExamples([CHAT[1:3], CHAT], tokenizer, block_size=48)
+    inputs, targets = examples.inputs, examples.targets
+    with torch.no_grad():
+        loss = model(inputs, targets=targets).loss
+        logits = model(inputs).logits
+    by_hand, count = 0.0, 0
+    for row in range(2):
+        ids, mask = tokenizer.apply_chat_template([CHAT[1:3], CHAT][row], return_mask=True)
+        for position in range(len(ids) - 1):
+            if mask[position + 1]:  # the token to predict is an assistant token
+                by_hand -= F.log_softmax(logits[row, position], -1)[ids[position + 1]].item()
+                count += 1
+    assert count == int((targets != -100).sum())
+    assert loss.item() == pytest.approx(by_hand / count, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    """A tiny pretrained model: a few hundred steps on generated stories."""
+    folder = tmp_path_factory.mktemp("base")
+    rng = random.Random(0)
+    for name, count in (("stories_train.txt", 300), ("stories_valid.txt", 40)):
+        (folder / name).write_text("".join(story(rng) + "\n<|endoftext|>\n" for _ in range(count)), encoding="utf-8")
+    BPETokenizer.train([story(rng) for _ in range(200)], vocab_size=320).save(folder / "tok.json")
+    pretrain(["--dataset", str(folder), "--tokenizer_path", str(folder / "tok.json"), "--output_dir",
+              str(folder / "run"), "--max_steps", "60", "--eval_interval", "30", "--learning_rate", "3e-3",
+              "--batch_size", "8", "--sample_tokens", "4", "--num_workers", "1", "--block_size", "64", *TINY_MODEL])
+    return folder
+
+
+def test_fine_tuning_on_conversations_lowers_the_assistant_loss(base_checkpoint, tmp_path):
+    state = train_tinystories_chat_model.main([
+        "--base_model", str(base_checkpoint / "run" / "best_model.pth"), "--from_stories", str(base_checkpoint),
+        "--output_dir", str(tmp_path / "chat"), "--block_size", "64", "--batch_size", "8", "--max_steps", "20",
+        "--eval_interval", "10", "--max_val_conversations", "16", "--learning_rate", "3e-3", "--warmup_steps", "0", "--sample_tokens", "4"])
+    losses = [h["val_loss"] for h in state["history"]]
+    assert losses[-1] < losses[0]
+    lines = (tmp_path / "chat" / "conversations_train.jsonl").read_text(encoding="utf-8").splitlines()
+    assert json.loads(lines[0])["messages"][-1]["role"] == "assistant"
+    _, _, metadata = load_checkpoint(tmp_path / "chat" / "final_model.pth")
+    assert metadata["kind"] == "chat"
+
+
+def test_a_base_model_without_chat_tokens_is_refused(tmp_path):
+    plain = BPETokenizer.train(["a b c d e f"] * 5, vocab_size=262, special_tokens=["<|endoftext|>"])
+    model = TransformerLM(TransformerConfig(vocab_size=plain.vocab_size, hidden_size=16, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+                                            window_size=None))
+    save_checkpoint(tmp_path / "plain.pth", model, plain)
+    with pytest.raises(ValueError, match=r"lacks the chat special tokens \['<user>', '<assistant>', '<system>'\]"):
+        train_tinystories_chat_model.main(["--base_model", str(tmp_path / "plain.pth"), "--from_stories", "x.txt",
+                                           "--output_dir", str(tmp_path / "out")])
+
+
+# --------------------------------------------------------------------------- REPL
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(base_checkpoint):
+    return base_checkpoint / "run" / "best_model.pth"  # any checkpoint with the chat tokens can chat
+
+
+@pytest.fixture(scope="module")
+def endless_checkpoint(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("endless") / "endless.pth"
+    save_checkpoint(path, endless_model(tokenizer), tokenizer)
+    return path
+
+
+def test_the_repl_reads_one_message_per_line_from_a_pipe(chat_checkpoint, tmp_path):
+    script = "Tell me a story.\n\n/set temperature 0.5\n/history\nAnother one.\n/save {}\n/quit\n".format(
+        tmp_path / "chat.json")
+    result = subprocess.run([sys.executable, str(REPO / "chat_with_tinystories_model.py"), "--model_path",
+                             str(chat_checkpoint), "--max_new_tokens", "12", "--seed", "0", "--system", "Be kind."],
+                            input=script, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "> Tell me a story." in result.stdout and "(temperature = 0.5)" in result.stdout
+    assert "system: Be kind.\nuser: Tell me a story.\nassistant:" in result.stdout
+    saved = json.loads((tmp_path / "chat.json").read_text(encoding="utf-8"))["messages"]
+    assert [m["role"] for m in saved] == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_the_repl_in_a_terminal_with_commands_ctrl_c_and_ctrl_d(endless_checkpoint):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, [str(REPO / "chat_with_tinystories_model.py"), "--model_path",
+                                           str(endless_checkpoint), "--max_new_tokens", "30", "--seed", "1"],
+                          encoding="utf-8", timeout=60)
+    child.expect("/help lists the commands")
+    child.expect("> ")
+    child.sendline("Tell me a story about Tom.")
+    child.expect("> ")
+    child.sendline("/set top_k 5")
+    child.expect(r"\(top_k = 5\)")
+    child.sendline("/reset")
+    child.expect(r"\(conversation forgotten\)")
+    child.sendline("/history")
+    child.expect(r"\(empty\)")
+    child.sendline("/set max_new_tokens 100000")
+    child.expect(r"\(max_new_tokens = 100000\)")
+    child.sendline("Tell me a very long story. \x01🙂")
+    child.expect(r"\S")  # the reply has started
+    child.sendintr()  # Ctrl-C stops the reply and returns to the prompt
+    child.expect(r"\[stopped\]")
+    child.sendline("/set max_new_tokens 5")
+    child.expect(r"\(max_new_tokens = 5\)")
+    child.sendeof()  # Ctrl-D leaves
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

@@ -1,0 +1,270 @@
+"""train_tinystories_model.py on a tiny generated corpus and a tiny model: the loop, exact
+resume, accumulation, caching, early stopping, DDP on CPU, TensorBoard, and bad input."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train_tinystories_model as trainer_module
+from bpe_tokenizer import BPETokenizer
+from conftest import REPO
+from tinystories_data import TokenWindows
+from train_tinystories_model import EpochBatches, Trainer, TrainingError, main
+from transformer_model import load_checkpoint
+
+NAMES = ["Lily", "Tom", "Ben", "Mia", "Sam"]
+THINGS = ["ball", "cat", "tree", "boat", "cake", "kite"]
+TINY_MODEL = ["--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "4",
+              "--intermediate_size", "64", "--max_position_embeddings", "64", "--window_size", "16"]
+
+
+def story(rng: random.Random) -> str:
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    return (f"Once upon a time, {name} had a {thing}. {name} liked the {thing} very much. "
+            f"One day the {thing} was lost. {name} looked and found the {thing}. {name} was happy.")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A folder with a train and a validation file, and a tokenizer trained on it."""
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for name, count in (("stories_train.txt", 400), ("stories_valid.txt", 60)):
+        (folder / name).write_text("".join(story(rng) + "\n<|endoftext|>\n" for _ in range(count)), encoding="utf-8")
+    tokenizer = BPETokenizer.train([story(rng) for _ in range(200)], vocab_size=300)
+    tokenizer.save(folder / "tok.json")
+    return folder
+
+
+def train_args(corpus, output, *extra):
+    return ["--dataset", str(corpus), "--tokenizer_path", str(corpus / "tok.json"), "--output_dir", str(output),
+            "--batch_size", "8", "--eval_interval", "10", "--eval_batches", "4", "--sample_tokens", "8",
+            "--warmup_steps", "5", "--learning_rate", "3e-3", "--num_workers", "1", "--block_size", "32", *TINY_MODEL,
+            *extra]
+
+
+def final_weights(output):
+    model, _, _ = load_checkpoint(output / "final_model.pth")
+    return model.state_dict()
+
+
+def test_loss_falls_and_every_file_appears(corpus, tmp_path):
+    state = main(train_args(corpus, tmp_path / "run", "--max_steps", "60"))
+    history = state["history"]
+    assert [h["step"] for h in history] == [10, 20, 30, 40, 50, 60]
+    assert history[-1]["val_loss"] < history[0]["val_loss"] - 1.0
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    for name in ("best_model.pth", "final_model.pth", "last.pth", "config.json"):
+        assert (tmp_path / "run" / name).exists(), name
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["learning_rate"] == 3e-3 and config["hidden_size"] == 32
+    _, _, metadata = load_checkpoint(tmp_path / "run" / "best_model.pth")
+    assert metadata["history"][-1]["val_bits_per_byte"] > 0  # curves can be drawn from a checkpoint alone
+    assert {"step", "tokens", "train_loss", "val_loss", "val_bits_per_byte", "lr"} <= metadata["history"][0].keys()
+
+
+def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(corpus, tmp_path, monkeypatch):
+    args = ("--max_steps", "24", "--dropout", "0.1")
+    main(train_args(corpus, tmp_path / "straight", *args))
+    original_step = Trainer.train_step
+
+    def step_then_interrupt(self):
+        result = original_step(self)
+        if self.state["step"] == 13:
+            self.stop_requested = True  # what Ctrl-C or SIGTERM does
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt, match="--resume"):
+        main(train_args(corpus, tmp_path / "interrupted", *args))
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+    state = main(train_args(corpus, tmp_path / "interrupted", *args, "--resume"))
+    assert state["step"] == 24
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "interrupted")
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
+def test_gradient_accumulation_equals_one_big_batch(corpus, tmp_path):
+    common = ("--max_steps", "1", "--dropout", "0", "--grad_clip", "0", "--warmup_steps", "0",
+              "--lr_schedule", "constant", "--no-amp", "--eval_interval", "1000")
+    main([*train_args(corpus, tmp_path / "big", *common), "--batch_size", "8"])
+    main([*train_args(corpus, tmp_path / "small", *common), "--batch_size", "4", "--gradient_accumulation_steps", "2"])
+    big, small = final_weights(tmp_path / "big"), final_weights(tmp_path / "small")
+    for name in big:
+        torch.testing.assert_close(small[name], big[name], atol=1e-6, rtol=1e-5)
+
+
+def test_encoded_data_is_cached_and_reused(corpus, tmp_path, monkeypatch):
+    args = train_args(corpus, tmp_path / "run", "--max_steps", "2", "--cache_dir", str(tmp_path / "cache"))
+    main(args)
+    assert len(list((tmp_path / "cache").glob("tokens-*.npy"))) == 2
+
+    def must_not_encode(*_, **__):
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(trainer_module, "encode_stories", must_not_encode)
+    main([*args, "--overwrite"])
+
+
+def test_a_single_file_holds_out_a_seeded_validation_share(corpus, tmp_path):
+    args = train_args(corpus, tmp_path / "run", "--max_steps", "10", "--val_fraction", "0.1")
+    args[args.index("--dataset") + 1] = str(corpus / "stories_train.txt")
+    state = main(args)
+    assert state["history"][-1]["val_tokens"] > 0
+
+
+def test_early_stopping_after_patience_evaluations_without_improvement(corpus, tmp_path):
+    state = main(train_args(corpus, tmp_path / "run", "--learning_rate", "1e-12", "--warmup_steps", "0",
+                            "--eval_interval", "2", "--patience", "2", "--max_steps", "100"))
+    assert len(state["history"]) == 3  # the first evaluation is the best; two more without improvement
+    assert state["step"] == 6
+
+
+def test_tensorboard_logs_hold_the_scalars_and_a_sample(corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    main(train_args(corpus, tmp_path / "run", "--max_steps", "20"))
+    events = EventAccumulator(str(tmp_path / "run" / "runs"), size_guidance={"tensors": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second", "val/loss",
+            "val/perplexity", "val/bits_per_byte"} <= scalars
+    assert len(events.Scalars("val/loss")) == 2
+    assert any("sample" in tag for tag in events.Tags()["tensors"])
+
+
+def test_batches_are_split_across_processes_like_one_big_batch():
+    single = EpochBatches(100, 8, seed=1)
+    ranks = [EpochBatches(100, 4, seed=1, rank=r, world_size=2) for r in range(2)]
+    for _ in range(30):  # across epoch boundaries
+        assert single.next_indices() == ranks[0].next_indices() + ranks[1].next_indices()
+    state = single.state_dict()
+    replay = EpochBatches(100, 8, seed=1)
+    replay.load_state_dict(state)
+    assert replay.next_indices() == single.next_indices()
+
+
+def test_windows_are_inputs_and_targets_shifted_by_one():
+    import numpy as np
+
+    windows = TokenWindows(np.arange(100, dtype=np.uint16), block_size=10)
+    assert len(windows) == 9
+    inputs, targets = windows[2]
+    assert inputs.tolist() == list(range(20, 30)) and targets.tolist() == list(range(21, 31))
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(corpus, tmp_path):
+    common = ["--max_steps", "6", "--dropout", "0", "--no-amp", "--device", "cpu", "--eval_interval", "3"]
+    single = subprocess.run([sys.executable, str(REPO / "train_tinystories_model.py"),
+                             *train_args(corpus, tmp_path / "one", *common), "--batch_size", "8"],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          str(REPO / "train_tinystories_model.py"),
+                          *train_args(corpus, tmp_path / "two", *common), "--batch_size", "4"],
+                         capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                            "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
+    _, _, one_meta = load_checkpoint(tmp_path / "one" / "final_model.pth")
+    _, _, two_meta = load_checkpoint(tmp_path / "two" / "final_model.pth")
+    for a, b in zip(one_meta["history"], two_meta["history"], strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+
+
+# ------------------------------------------------------------------------ bad input
+
+def test_a_missing_tokenizer_says_to_train_one(corpus, tmp_path):
+    args = train_args(corpus, tmp_path / "run")
+    args[args.index("--tokenizer_path") + 1] = str(tmp_path / "none.json")
+    with pytest.raises(ValueError, match="train one first.*train_bpe_tokenizer_hf.py"):
+        main(args)
+
+
+def test_a_run_directory_is_not_overwritten_by_another_config(corpus, tmp_path):
+    main(train_args(corpus, tmp_path / "run", "--max_steps", "2"))
+    before = (tmp_path / "run" / "final_model.pth").read_bytes()
+    with pytest.raises(ValueError, match="holds a run with a different config: pass --resume.*or --overwrite"):
+        main(train_args(corpus, tmp_path / "run", "--max_steps", "2", "--learning_rate", "1e-3"))
+    with pytest.raises(ValueError, match="holds a run already"):
+        main(train_args(corpus, tmp_path / "run", "--max_steps", "2"))
+    assert (tmp_path / "run" / "final_model.pth").read_bytes() == before
+
+
+def test_resuming_with_another_tokenizer_is_refused(corpus, tmp_path):
+    main(train_args(corpus, tmp_path / "run", "--max_steps", "2"))
+    other = BPETokenizer.train([story(random.Random(5)) for _ in range(50)], vocab_size=300)
+    other.save(tmp_path / "other.json")
+    args = train_args(corpus, tmp_path / "run", "--max_steps", "4", "--resume")
+    args[args.index("--tokenizer_path") + 1] = str(tmp_path / "other.json")
+    with pytest.raises(ValueError, match="another tokenizer"):
+        main(args)
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    original_step = Trainer.train_step
+
+    def step_then_break_the_weights(self):
+        result = original_step(self)
+        if self.state["step"] == 7:
+            with torch.no_grad():
+                self.raw_model.final_norm.weight.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_break_the_weights)
+    with pytest.raises(TrainingError, match=r"the loss became nan at step 8; the last good checkpoint is .*last.pth"):
+        main(train_args(corpus, tmp_path / "run", "--max_steps", "20", "--eval_interval", "5"))
+    model, _, metadata = load_checkpoint(tmp_path / "run" / "last.pth")
+    assert metadata["step"] == 5 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_first_batch_that_does_not_fit_says_which_flag_to_lower(corpus, tmp_path, monkeypatch):
+    def out_of_memory(self):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train_step", out_of_memory)
+    with pytest.raises(TrainingError, match="lower --batch_size"):
+        main(train_args(corpus, tmp_path / "run", "--max_steps", "2"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--block_size", "128"], "--block_size 128 is above the model's context"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--resume", "--overwrite"], "not both"),
+])
+def test_bad_flags_are_refused_by_the_parser(corpus, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(train_args(corpus, tmp_path / "run") + extra)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_empty_data_is_one_clear_line(corpus, tmp_path):
+    (tmp_path / "empty.txt").write_text("<|endoftext|>\n", encoding="utf-8")
+    args = train_args(corpus, tmp_path / "run")
+    args[args.index("--dataset") + 1] = str(tmp_path / "empty.txt")
+    result = subprocess.run([sys.executable, str(REPO / "train_tinystories_model.py"), *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "no stories" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(corpus, tmp_path):
+    process = subprocess.Popen([sys.executable, str(REPO / "train_tinystories_model.py"),
+                                *train_args(corpus, tmp_path / "run", "--max_steps", "100000", "--eval_interval", "50")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # a few steps in
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "plus --resume" in stderr and "Traceback" not in stderr
+    assert (tmp_path / "run" / "last.pth").exists()
