@@ -187,7 +187,8 @@ def prepare_pretraining_data(args: argparse.Namespace, tokenizer: BPETokenizer) 
                                    lambda role=role: encode_stories(stories(role), tokenizer, args.num_workers,
                                                                     desc=f"encoding {role} stories"))
                for role in ("train", "validation")}
-    return TokenWindows(streams["train"], args.block_size), TokenWindows(streams["validation"], args.block_size)
+    return (TokenWindows(streams["train"], args.block_size, shift_seed=args.seed),
+            TokenWindows(streams["validation"], args.block_size))
 
 
 def source_name(dataset: str | None) -> str | None:
@@ -422,7 +423,10 @@ class Trainer:
         accumulation = args.gradient_accumulation_steps
         total = 0.0
         for micro in range(accumulation):
-            inputs, targets = collate(self.train_data, self.batches.next_indices())
+            indices = self.batches.next_indices()
+            if hasattr(self.train_data, "set_epoch"):  # TokenWindows cut the stream afresh each epoch
+                self.train_data.set_epoch(self.batches.epoch)
+            inputs, targets = collate(self.train_data, indices)
             self.state["tokens"] += inputs.numel() * self.dist.world_size
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             sync = micro == accumulation - 1 or self.dist.world_size == 1

@@ -395,7 +395,7 @@ class LMOutput(NamedTuple):
     training (targets given and gradients on) logits is None: the loss is computed without
     them (linear_cross_entropy)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     past_key_values: KVCache | None = None
     attentions: tuple[torch.Tensor, ...] | None = None

@@ -34,9 +34,40 @@ def greedy_without_cache(model: TransformerLM, prompt: torch.Tensor, steps: int)
         ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
 
 
+def int8_quality(checkpoint: str, data: str, prompts: int = 20, new_tokens: int = 100) -> None:
+    """What --quantize int8 costs in quality: validation bits per byte of the float32 and the
+    int8 model, and how often greedy decoding picks the same tokens."""
+    import contextlib
+
+    from tinystories_data import TokenWindows, encode_stories, load_stories
+    from train_tinystories_model import loss_totals, summarize_losses, token_byte_lengths
+    from transformer_model import load_checkpoint
+
+    model, tokenizer, _ = load_checkpoint(checkpoint, device="cpu")
+    stories = load_stories(data, "validation")
+    windows = TokenWindows(encode_stories(stories, tokenizer, num_workers=1), 256)
+    batches = [list(range(i, min(i + 16, len(windows)))) for i in range(0, len(windows), 16)]
+    token_bytes = token_byte_lengths(tokenizer)
+    quantized = quantize_int8(model)
+    print(f"\nint8 quality on {checkpoint}, validation split of {data}:")
+    print("| model | val loss | bits per byte | greedy tokens equal to float32 |")
+    print("| --- | ---: | ---: | ---: |")
+    prompt_ids = [tokenizer.encode(" ".join(story.split()[:8])) for story in stories[:prompts]]
+    reference = [generate(model, p, new_tokens, do_sample=False)[0] for p in prompt_ids]
+    for name, candidate in (("float32", model), ("int8 (dynamic)", quantized)):
+        metrics = summarize_losses(*loss_totals(candidate, windows, batches, torch.device("cpu"),
+                                                contextlib.nullcontext, token_bytes))
+        outputs = [generate(candidate, p, new_tokens, do_sample=False)[0] for p in prompt_ids]
+        same = sum(a == b for ref, out in zip(reference, outputs, strict=True) for a, b in zip(ref, out, strict=True))
+        print(f"| {name} | {metrics['val_loss']:.4f} | {metrics['val_bits_per_byte']:.4f} | "
+              f"{same / (prompts * new_tokens):.1%} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quality_checkpoint", default=None, help="also measure int8's quality on this model")
+    parser.add_argument("--quality_data", default="../shared/data", help="its validation split is scored")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -91,6 +122,8 @@ def main() -> None:
         step_limit = read_limit * 4 / bytes_per_weight  # steps per second; each step makes `batch` tokens
         print(f"| {name} | {ours_tps:,.0f} | {hf_cells} | {ours_tps / compute_limit:.1%} | "
               f"{ours_tps / (step_limit * batch):.0%} |", flush=True)
+    if args.quality_checkpoint:
+        int8_quality(args.quality_checkpoint, args.quality_data)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Small models and data that several test files build."""
 
+import random
+from pathlib import Path
+
 import torch
 
 from bpe_tokenizer import BPETokenizer
@@ -21,3 +24,28 @@ def endless_model(tokenizer: BPETokenizer) -> TransformerLM:
         model.lm_head.weight.normal_(0, 0.01)
         model.lm_head.weight[tokenizer.special_tokens["<|endoftext|>"]] = -10 * u
     return model.eval()
+
+
+NAMES = ["Lily", "Tom", "Ben", "Mia", "Sam"]
+THINGS = ["ball", "cat", "tree", "boat", "cake", "kite"]
+
+
+def story(rng: random.Random) -> str:
+    """A short story from a template: enough structure for a tiny model to learn quickly."""
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    return (f"Once upon a time, {name} had a {thing}. {name} liked the {thing} very much. "
+            f"One day the {thing} was lost. {name} looked and found the {thing}. {name} was happy.")
+
+
+def write_story_corpus(folder: Path, train: int, valid: int, seed: int = 0) -> Path:
+    """stories_train.txt and stories_valid.txt in the TinyStories .txt layout."""
+    rng = random.Random(seed)
+    for name, count in (("stories_train.txt", train), ("stories_valid.txt", valid)):
+        (folder / name).write_text("".join(story(rng) + "\n<|endoftext|>\n" for _ in range(count)), encoding="utf-8")
+    return folder
+
+
+def story_tokenizer(vocab_size: int, stories: int = 200, seed: int = 1) -> BPETokenizer:
+    """A tokenizer trained on template stories."""
+    rng = random.Random(seed)
+    return BPETokenizer.train([story(rng) for _ in range(stories)], vocab_size=vocab_size)

@@ -1,20 +1,16 @@
 """benchmarks/ablations.py: two tiny runs end to end, resumed without redoing them."""
 
 import json
-import random
 
 import pytest
 
 import ablations
-from test_train_tinystories_model import story
+from helpers import write_story_corpus
 
 
 @pytest.fixture
 def corpus(tmp_path):
-    rng = random.Random(0)
-    for name, count in (("stories_train.txt", 300), ("stories_valid.txt", 40)):
-        (tmp_path / name).write_text("".join(story(rng) + "\n<|endoftext|>\n" for _ in range(count)), encoding="utf-8")
-    return tmp_path
+    return write_story_corpus(tmp_path, train=300, valid=40)
 
 
 def test_two_tiny_runs_end_to_end_then_a_resume_that_redoes_nothing(corpus, tmp_path, monkeypatch):

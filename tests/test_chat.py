@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import train_tinystories_chat_model
 from bpe_tokenizer import BPETokenizer
 from conftest import REPO
-from helpers import endless_model
-from test_train_tinystories_model import TINY_MODEL, story
+from helpers import endless_model, story, story_tokenizer, write_story_corpus
+from test_train_tinystories_model import TINY_MODEL
 from tinystories_data import (
     ChatExamples,
     DataError,
@@ -197,11 +197,8 @@ def test_the_fine_tuning_loss_is_cross_entropy_over_assistant_tokens_only(tokeni
 @pytest.fixture(scope="module")
 def base_checkpoint(tmp_path_factory):
     """A tiny pretrained model: a few hundred steps on generated stories."""
-    folder = tmp_path_factory.mktemp("base")
-    rng = random.Random(0)
-    for name, count in (("stories_train.txt", 300), ("stories_valid.txt", 40)):
-        (folder / name).write_text("".join(story(rng) + "\n<|endoftext|>\n" for _ in range(count)), encoding="utf-8")
-    BPETokenizer.train([story(rng) for _ in range(200)], vocab_size=320).save(folder / "tok.json")
+    folder = write_story_corpus(tmp_path_factory.mktemp("base"), train=300, valid=40)
+    story_tokenizer(320).save(folder / "tok.json")
     pretrain(["--dataset", str(folder), "--tokenizer_path", str(folder / "tok.json"), "--output_dir",
               str(folder / "run"), "--max_steps", "60", "--eval_interval", "30", "--learning_rate", "3e-3",
               "--batch_size", "8", "--sample_tokens", "4", "--num_workers", "1", "--block_size", "64", *TINY_MODEL])

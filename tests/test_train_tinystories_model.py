@@ -14,31 +14,20 @@ import torch
 import train_tinystories_model as trainer_module
 from bpe_tokenizer import BPETokenizer
 from conftest import REPO
+from helpers import story, story_tokenizer, write_story_corpus
 from tinystories_data import TokenWindows
 from train_tinystories_model import EpochBatches, Trainer, TrainingError, main
 from transformer_model import load_checkpoint
 
-NAMES = ["Lily", "Tom", "Ben", "Mia", "Sam"]
-THINGS = ["ball", "cat", "tree", "boat", "cake", "kite"]
 TINY_MODEL = ["--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "4",
               "--intermediate_size", "64", "--max_position_embeddings", "64", "--window_size", "16"]
-
-
-def story(rng: random.Random) -> str:
-    name, thing = rng.choice(NAMES), rng.choice(THINGS)
-    return (f"Once upon a time, {name} had a {thing}. {name} liked the {thing} very much. "
-            f"One day the {thing} was lost. {name} looked and found the {thing}. {name} was happy.")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A folder with a train and a validation file, and a tokenizer trained on it."""
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for name, count in (("stories_train.txt", 400), ("stories_valid.txt", 60)):
-        (folder / name).write_text("".join(story(rng) + "\n<|endoftext|>\n" for _ in range(count)), encoding="utf-8")
-    tokenizer = BPETokenizer.train([story(rng) for _ in range(200)], vocab_size=300)
-    tokenizer.save(folder / "tok.json")
+    folder = write_story_corpus(tmp_path_factory.mktemp("corpus"), train=400, valid=60)
+    story_tokenizer(300).save(folder / "tok.json")
     return folder
 
 
@@ -159,13 +148,28 @@ def test_windows_are_inputs_and_targets_shifted_by_one():
     assert inputs.tolist() == list(range(20, 30)) and targets.tolist() == list(range(21, 31))
 
 
+def test_training_windows_are_cut_afresh_each_epoch_and_the_same_on_resume():
+    import numpy as np
+
+    windows = TokenWindows(np.arange(1000, dtype=np.uint16), block_size=10, shift_seed=3)
+    assert len(windows) == 98  # room for the largest shift
+    starts = []
+    for epoch in range(6):
+        windows.set_epoch(epoch)
+        starts.append(int(windows[0][0][0]))
+        assert all(len(windows[i][0]) == 10 for i in (0, len(windows) - 1))
+    assert len(set(starts)) > 1 and all(0 <= s < 10 for s in starts)
+    windows.set_epoch(4)
+    assert int(windows[0][0][0]) == starts[4]
+
+
 def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(corpus, tmp_path):
     common = ["--max_steps", "6", "--dropout", "0", "--no-amp", "--device", "cpu", "--eval_interval", "3"]
     single = subprocess.run([sys.executable, str(REPO / "train_tinystories_model.py"),
                              *train_args(corpus, tmp_path / "one", *common), "--batch_size", "8"],
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(REPO / "train_tinystories_model.py"),
                           *train_args(corpus, tmp_path / "two", *common), "--batch_size", "4"],
                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ,

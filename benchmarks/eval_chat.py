@@ -1,0 +1,70 @@
+"""Does fine-tuning make the model follow requests? Base against chat model, held-out data.
+
+    python benchmarks/eval_chat.py --base pretrained/tinystories_base.pth --chat pretrained/tinystories_chat.pth
+
+Validation conversations are built from the validation stories of --data exactly as
+train_tinystories_chat_model.py builds them (--from_stories, same seed). Reported for both
+models: the assistant-only validation loss, and the share of held-out "uses the words X, Y
+and Z" requests whose reply (sampled at --temperature, --seed) contains all three words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+
+import torch
+
+from bench_utils import SHARED_DATA
+from tinystories_data import ChatExamples, conversations_from_stories, load_stories
+from train_tinystories_model import loss_totals, summarize_losses, token_byte_lengths
+from transformer_model import generate, load_checkpoint
+
+WORDS_REQUEST = re.compile(r"the words (\w+), (\w+) and (\w+)")
+
+
+def follows(reply: str, words: tuple[str, ...]) -> bool:
+    found = set(re.findall(r"\w+", reply.lower()))
+    return all(word.lower() in found for word in words)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="pretrained/tinystories_base.pth")
+    parser.add_argument("--chat", default="pretrained/tinystories_chat.pth")
+    parser.add_argument("--data", default=str(SHARED_DATA))
+    parser.add_argument("--seed", type=int, default=0, help="the fine-tuning run's --seed")
+    parser.add_argument("--block_size", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--max_new_tokens", type=int, default=300)
+    parser.add_argument("--requests", type=int, default=100, help="word requests to try (at most)")
+    args = parser.parse_args()
+
+    conversations = conversations_from_stories(load_stories(args.data, "validation"), seed=args.seed + 1)
+    word_requests = [(WORDS_REQUEST.search(c[i]["content"]).groups(), c[: i + 1])
+                     for c in conversations for i in range(len(c))
+                     if c[i]["role"] == "user" and WORDS_REQUEST.search(c[i]["content"])][: args.requests]
+    print(f"{len(conversations)} validation conversations; {len(word_requests)} 'uses the words' requests\n")
+    print("| model | assistant-only val loss | perplexity | bits per byte | follows 'uses the words X, Y and Z' |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, path in (("base", args.base), ("chat", args.chat)):
+        model, tokenizer, _ = load_checkpoint(path, device="cpu")
+        examples = ChatExamples(conversations, tokenizer, args.block_size)
+        batches = [list(range(i, min(i + 16, len(examples)))) for i in range(0, len(examples), 16)]
+        metrics = summarize_losses(*loss_totals(model, examples, batches, torch.device("cpu"), contextlib.nullcontext,
+                                                token_byte_lengths(tokenizer)))
+        eos = tokenizer.special_tokens["<|endoftext|>"]
+        followed = 0
+        for index, (words, messages) in enumerate(word_requests):
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            (tokens,) = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, eos_token_id=eos,
+                                 seed=args.seed + index)
+            followed += follows(tokenizer.decode(t for t in tokens if t != eos), words)
+        share = followed / max(len(word_requests), 1)
+        print(f"| {name} ({path}) | {metrics['val_loss']:.4f} | {metrics['val_perplexity']:.2f} | "
+              f"{metrics['val_bits_per_byte']:.4f} | {followed}/{len(word_requests)} = {share:.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
