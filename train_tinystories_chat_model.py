@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--max_val_conversations", type=int, default=0, help="a seeded sample (0 = all)")
     data.add_argument("--block_size", type=int, default=512, help="tokens per conversation row")
     data.add_argument("--dropout", type=float, default=None, help="override the base model's dropout")
+    data.add_argument("--attention_dropout", type=float, default=None,
+                      help="override the base model's attention dropout (0 is twice as fast on CPU)")
     add_training_args(parser, learning_rate=1e-4)
     parser.set_defaults(output_dir="tinystories_chat_model", num_epochs=3, warmup_steps=50, eval_interval=100,
                         sample_prompt="Tell me a story about a brave little cat.")
@@ -106,6 +108,21 @@ class ChatTrainer(Trainer):
         return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
 
 
+def set_dropout(model: torch.nn.Module, dropout: float | None, attention_dropout: float | None) -> None:
+    """Change a loaded model's dropout rates in place (None keeps the base model's rate). The
+    config is replaced, so the modules that read it (attention) get the new one too."""
+    rates = {name: rate for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout))
+             if rate is not None}
+    if not rates:
+        return
+    model.config = dataclasses.replace(model.config, **rates)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and "dropout" in rates:
+            module.p = rates["dropout"]
+        elif hasattr(module, "config"):
+            module.config = model.config
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     model, tokenizer, _ = load_checkpoint(args.base_model, device="cpu")
@@ -116,11 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.block_size > model.config.max_position_embeddings:
         raise ValueError(f"--block_size {args.block_size} is above the base model's context "
                          f"({model.config.max_position_embeddings})")
-    if args.dropout is not None:
-        model.config = dataclasses.replace(model.config, dropout=args.dropout)
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = args.dropout
+    set_dropout(model, args.dropout, args.attention_dropout)
     train, validation = split_conversations(args)
     train_data = ChatExamples(train, tokenizer, args.block_size)
     val_data = ChatExamples(validation, tokenizer, args.block_size)

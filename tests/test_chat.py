@@ -209,13 +209,25 @@ def test_fine_tuning_on_conversations_lowers_the_assistant_loss(base_checkpoint,
     state = train_tinystories_chat_model.main([
         "--base_model", str(base_checkpoint / "run" / "best_model.pth"), "--from_stories", str(base_checkpoint),
         "--output_dir", str(tmp_path / "chat"), "--block_size", "64", "--batch_size", "8", "--max_steps", "20",
-        "--eval_interval", "10", "--max_val_conversations", "16", "--learning_rate", "3e-3", "--warmup_steps", "0", "--sample_tokens", "4"])
+        "--eval_interval", "10", "--max_val_conversations", "16", "--learning_rate", "3e-3", "--warmup_steps", "0", "--sample_tokens", "4",
+        "--dropout", "0.05", "--attention_dropout", "0.2"])
     losses = [h["val_loss"] for h in state["history"]]
     assert losses[-1] < losses[0]
     lines = (tmp_path / "chat" / "conversations_train.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(lines[0])["messages"][-1]["role"] == "assistant"
-    _, _, metadata = load_checkpoint(tmp_path / "chat" / "final_model.pth")
+    model, _, metadata = load_checkpoint(tmp_path / "chat" / "final_model.pth")
     assert metadata["kind"] == "chat"
+    assert (model.config.dropout, model.config.attention_dropout) == (0.05, 0.2)  # the overrides were trained with
+
+
+def test_dropout_overrides_reach_every_dropout_layer_and_the_attention():
+    model = TransformerLM(TransformerConfig(vocab_size=300, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=32, max_position_embeddings=32, window_size=None))
+    train_tinystories_chat_model.set_dropout(model, 0.05, None)
+    train_tinystories_chat_model.set_dropout(model, None, 0.2)
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.05}
+    attention_rates = {m.config.attention_dropout for m in model.modules() if hasattr(m, "config")}
+    assert attention_rates == {0.2} and model.config.dropout == 0.05
 
 
 def test_a_base_model_without_chat_tokens_is_refused(tmp_path):

@@ -128,6 +128,30 @@ def test_tensorboard_logs_hold_the_scalars_and_a_sample(corpus, tmp_path):
     assert any("sample" in tag for tag in events.Tags()["tensors"])
 
 
+def test_plot_training_draws_the_curves_from_the_tensorboard_scalars(corpus, tmp_path, capsys):
+    import plot_training
+
+    main(train_args(corpus, tmp_path / "run", "--max_steps", "20"))
+    scalars = plot_training.read_scalars(str(tmp_path / "run" / "runs"))
+    steps, _ = scalars["val/bits_per_byte"]
+    assert list(steps) == [10, 20]
+    plot_training.main([str(tmp_path / "run" / "runs"), str(tmp_path / "curve.png")])
+    assert (tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(SystemExit, match="holds no train/learning_rate, train/loss"):
+        plot_training.main([str(tmp_path), str(tmp_path / "none.png")])
+
+
+def test_eval_model_reproduces_the_validation_figures_training_logged(corpus, tmp_path):
+    import eval_model
+
+    state = main(train_args(corpus, tmp_path / "run", "--max_steps", "10", "--eval_batches", "0", "--no-amp"))
+    figures = eval_model.evaluate_checkpoint(str(tmp_path / "run" / "final_model.pth"), str(corpus))
+    logged = state["history"][-1]
+    assert figures["val_tokens"] == logged["val_tokens"]
+    for name in ("val_loss", "val_bits_per_byte"):
+        assert figures[name] == pytest.approx(logged[name], rel=1e-5)
+
+
 def test_batches_are_split_across_processes_like_one_big_batch():
     single = EpochBatches(100, 8, seed=1)
     ranks = [EpochBatches(100, 4, seed=1, rank=r, world_size=2) for r in range(2)]

@@ -1,0 +1,57 @@
+"""A checkpoint's loss, perplexity and bits per byte on a whole split, as training measures them.
+
+    python benchmarks/eval_model.py pretrained/tinystories_base.pth --dataset ../shared/data
+
+The split's stories are encoded with the checkpoint's own tokenizer, joined with <|endoftext|>
+and cut into windows of --block_size tokens (the training length by default), exactly like the
+validation set of train_tinystories_model.py. Bits per byte = total nats / ln 2 / UTF-8 bytes of
+the predicted tokens, so models with different tokenizers compare fairly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+
+from bench_utils import SHARED_DATA
+from tinystories_data import TokenWindows, encode_stories, load_stories, run_script
+from train_tinystories_model import loss_totals, summarize_losses, token_byte_lengths
+from transformer_model import load_checkpoint
+
+
+def evaluate_checkpoint(path: str, dataset: str, split: str = "validation", block_size: int = 0,
+                        batch_size: int = 16, bf16: bool = False) -> dict:
+    """{val_loss, val_perplexity, val_bits_per_byte, val_tokens} of the checkpoint on the split."""
+    model, tokenizer, metadata = load_checkpoint(path, device="cpu")
+    block_size = block_size or metadata.get("args", {}).get("block_size") or model.config.max_position_embeddings
+    windows = TokenWindows(encode_stories(load_stories(dataset, split), tokenizer, desc=f"encoding {split}"), block_size)
+    batches = [list(range(i, min(i + batch_size, len(windows)))) for i in range(0, len(windows), batch_size)]
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    totals = loss_totals(model, windows, batches, torch.device("cpu"), autocast, token_byte_lengths(tokenizer))
+    return summarize_losses(*totals)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+", help="checkpoint files (.pth)")
+    parser.add_argument("--dataset", default=str(SHARED_DATA), help="hub id or local path (tinystories_data)")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--block_size", type=int, default=0, help="window length (default: the training length)")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--bf16", action="store_true", help="evaluate under bf16 autocast (default float32)")
+    args = parser.parse_args(argv)
+    print(f"| checkpoint | {args.split} loss | perplexity | bits per byte | tokens |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for path in args.checkpoints:
+        m = evaluate_checkpoint(path, args.dataset, args.split, args.block_size, args.batch_size, args.bf16)
+        print(f"| {path} | {m['val_loss']:.4f} | {m['val_perplexity']:.2f} | {m['val_bits_per_byte']:.4f} | "
+              f"{m['val_tokens']:,.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    run_script(main)
