@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tinystories_data import fit_conversation, run_script
-from transformer_model import load_checkpoint, stream
+from transformer_model import check_sampling, load_checkpoint, stream
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "pretrained" / "tinystories_chat.pth")
 HELP = """commands:
@@ -128,13 +128,28 @@ class ChatSession:
             if key not in SETTINGS:
                 return f"usage: /set NAME VALUE, NAME one of {', '.join(SETTINGS)}"
             try:
-                self.settings[key] = SETTINGS[key](value)
+                parsed = SETTINGS[key](value)
             except ValueError:
                 return f"/set {key}: {value!r} is not a {SETTINGS[key].__name__}"
+            try:
+                check_settings({**self.settings, key: parsed}, self.model.config)
+            except ValueError as err:
+                return f"/set {key}: {err}"
+            self.settings[key] = parsed
             if key == "seed":
                 self.reseed()
             return f"({key} = {self.settings[key]})"
         return f"unknown command /{name}; /help lists them"
+
+
+def check_settings(settings: dict, config) -> None:
+    """Raise ValueError for a setting the model cannot sample with, before a reply needs it.
+    A reply may outrun the context only where the cache slides (a window, no learned table)."""
+    check_sampling(settings["temperature"], settings["top_k"], settings["top_p"], settings["repetition_penalty"])
+    slides = bool(config.window_size) and config.position_embedding != "learned"
+    limit = None if slides else config.max_position_embeddings - 1
+    if settings["max_new_tokens"] < 1 or (limit and settings["max_new_tokens"] > limit):
+        raise ValueError(f"max_new_tokens must be from 1 to {limit or 'any length'}, not {settings['max_new_tokens']}")
 
 
 def clean(line: str) -> str:
@@ -151,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     if "<assistant>" not in tokenizer.special_tokens:
         raise ValueError(f"{args.model_path}: not a chat model (its tokenizer has no <assistant> token)")
     settings = {name: getattr(args, name) for name in SETTINGS}
+    check_settings(settings, model.config)
     session = ChatSession(model, tokenizer, settings, args.system)
     interactive = sys.stdin.isatty()
     if interactive:

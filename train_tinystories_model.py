@@ -345,8 +345,10 @@ class Trainer:
         self.total_steps = max(1, int(args.num_epochs * steps_per_epoch))
         if args.max_steps:
             self.total_steps = min(self.total_steps, args.max_steps)
+        # train_seconds is the run's wall time (evaluations and saves included); step_seconds
+        # counts the optimisation steps alone, for a throughput that evaluations do not dilute.
         self.state = {"step": 0, "tokens": 0, "best_val_loss": math.inf, "evals_without_improvement": 0,
-                      "history": [], "train_seconds": 0.0}
+                      "history": [], "train_seconds": 0.0, "step_seconds": 0.0}
         self.token_bytes = token_byte_lengths(tokenizer)
         self.stop_requested = False
         self.writer = None
@@ -523,12 +525,13 @@ class Trainer:
                 try:
                     loss, grad_norm = self.train_step()
                 except (torch.OutOfMemoryError, RuntimeError) as err:
-                    if "out of memory" not in str(err) or state["step"] > 0:
+                    if not is_out_of_memory(err) or state["step"] > 0:
                         raise
                     raise TrainingError(f"the first batch does not fit in memory: lower --batch_size "
                                         f"({args.batch_size}) or --block_size, and raise "
                                         "--gradient_accumulation_steps to keep the effective batch") from None
                 seconds = time.perf_counter() - step_start
+                state["step_seconds"] = state.get("step_seconds", 0.0) + seconds
                 state["train_seconds"] = run_seconds_before + time.perf_counter() - started
                 window_loss, window_steps = window_loss + loss, window_steps + 1
                 tokens_per_second = tokens_per_step / seconds
@@ -592,6 +595,12 @@ class Trainer:
                  f"perplexity {metrics['val_perplexity']:.2f}, {metrics['val_bits_per_byte']:.4f} bits/byte"
                  f"{' (best)' if improved else ''}\n  sample: {(self.args.sample_prompt + story)[:300]!r}")
         return bool(self.args.patience) and state["evals_without_improvement"] >= self.args.patience
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether err is an allocation failure: CUDA says "out of memory", the CPU allocator
+    "can't allocate memory"."""
+    return any(text in str(err) for text in ("out of memory", "can't allocate memory", "not enough memory"))
 
 
 @torch.no_grad()

@@ -1036,7 +1036,8 @@ def _prompt_batch(model: TransformerLM, prompts, bos_token_id: int | None, max_n
     return rows, ids, mask
 
 
-def _check_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> None:
+def check_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> None:
+    """Raise ValueError, with the rule, for a sampling setting outside its range."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 means greedy), not {temperature}")
     if top_k < 0:
@@ -1067,7 +1068,9 @@ def generate_steps(
     """The decoding loop, one step at a time: yields a list with the next token of every row.
     It does not stop by itself before max_new_tokens; generate() and stream() do.
     prompts: token ids, a list of token-id lists (any lengths), or a (batch, seq) tensor."""
-    _check_sampling(temperature, top_k, top_p, repetition_penalty)
+    check_sampling(temperature, top_k, top_p, repetition_penalty)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
     rows, ids, mask = _prompt_batch(model, prompts, bos_token_id, max_new_tokens)
     greedy = not do_sample or temperature == 0
     if generator is None and seed is not None:
@@ -1093,7 +1096,10 @@ def generate_steps(
             if greedy:
                 tokens = logits.argmax(dim=-1)
             else:
-                logits = filter_top_p(filter_top_k(logits / temperature, top_k), top_p)
+                # Shift the largest logit to 0 before dividing: a tiny temperature then sends the
+                # others to -inf (greedy, in the limit) instead of the largest to +inf (NaN).
+                logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+                logits = filter_top_p(filter_top_k(logits, top_k), top_p)
                 tokens = sample_from_logits(logits, generator)
             token_list = tokens.tolist()
             yield token_list

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from bench_utils import REPO, SHARED_DATA
+from bench_utils import REPO, SHARED_DATA, machine_line
 from bpe_tokenizer import BPETokenizer
 from tinystories_data import TokenWindows, load_stories
 from train_tinystories_model import (
@@ -94,12 +94,43 @@ def tokenizer_path(vocab: str, size: str, work: Path, dataset: str) -> Path:
     return path
 
 
+def settings_of(options: argparse.Namespace) -> dict:
+    """The options that decide a run's figures: a saved result made with others is redone."""
+    return {key: getattr(options, key) for key in ("size", "max_tokens", "budget_minutes", "dataset", "learning_rate",
+                                                   "seed", "device")}
+
+
+def validation_bits_per_byte(model, tokens, block: int, batch: int, amp: bool, token_bytes: torch.Tensor) -> dict:
+    """Loss and bits per byte of model over the whole validation stream, cut in windows of block."""
+    windows = TokenWindows(tokens, block)
+    batches = [list(range(i, min(i + batch, len(windows)))) for i in range(0, len(windows), batch)]
+    device = model.embed_tokens.weight.device
+    dtype = autocast_dtype(device) if amp else None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    return summarize_losses(*loss_totals(model, windows, batches, device, autocast, token_bytes))
+
+
+def generation_speed(model, prompt: list[int], new_tokens: int) -> float:
+    """Greedy tokens/second (median of 3), continuing a prompt that fills most of the context."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        generate(model, prompt, new_tokens, do_sample=False)
+        times.append(time.perf_counter() - start)
+    return new_tokens / statistics.median(times)
+
+
 def run_one(name: str, flags: list[str], vocab: str, options: argparse.Namespace, work: Path) -> dict:
-    """Train one run (or resume an interrupted one) and measure it; returns its figures."""
+    """Train one run (or resume an interrupted one) and measure its final model; returns its figures."""
     out = work / name
     result_path = out / "result.json"
     if result_path.exists():
-        return json.loads(result_path.read_text())
+        saved = json.loads(result_path.read_text())
+        if saved.get("settings") == settings_of(options):
+            return saved
     model_flags, _, batch = SIZES[options.size]
     block = int(flags[flags.index("--block_size") + 1])
     steps = max(1, options.max_tokens // (batch * block))
@@ -110,40 +141,33 @@ def run_one(name: str, flags: list[str], vocab: str, options: argparse.Namespace
             "--seed", str(options.seed), "--device", options.device, "--sample_tokens", "20", *model_flags, *flags]
     if options.budget_minutes:
         argv += ["--max_time_minutes", str(options.budget_minutes)]
-    argv.append("--resume" if (out / "last.pth").exists() else "--overwrite")
+    resumable = (out / "last.pth").exists() and not result_path.exists()
+    argv.append("--resume" if resumable else "--overwrite")
     print(f"\n=== {name}: {' '.join(flags)}", flush=True)
     state = train(argv)
     args = parse_args(argv)
     model, tokenizer, _ = load_checkpoint(out / "final_model.pth", device=options.device)
     _, validation = prepare_pretraining_data(args, tokenizer)
-    device = model.embed_tokens.weight.device
     token_bytes = token_byte_lengths(tokenizer)
-    final = state["history"][-1]
-    result = {"name": name, "flags": flags, "vocab": vocab, "block_size": block, "tokens": state["tokens"],
-              "minutes": state["train_seconds"] / 60, "train_tokens_per_second": state["tokens"] / state["train_seconds"],
+    amp = args.amp is not False
+    # The final model is scored here (not the last logged evaluation), so a run cut short by
+    # --budget_minutes is measured on the weights it ended with.
+    final = validation_bits_per_byte(model, validation.tokens, block, batch, amp, token_bytes)
+    result = {"name": name, "flags": flags, "vocab": vocab, "block_size": block, "settings": settings_of(options),
+              "tokens": state["tokens"], "minutes": state["train_seconds"] / 60,
+              "train_tokens_per_second": state["tokens"] / state["step_seconds"],
               "val_loss": final["val_loss"], "val_bits_per_byte": final["val_bits_per_byte"],
               "bytes_per_token": float(token_bytes[torch.from_numpy(validation.tokens.astype("int64"))].mean()),
               "history": [{k: h[k] for k in ("step", "tokens", "val_loss", "val_bits_per_byte")} for h in state["history"]]}
     if model.config.position_embedding == "learned":
         result["val_bits_per_byte_2x"] = None  # no positions past the learned table
     else:
-        double = TokenWindows(validation.tokens, 2 * block)
-        batches = [list(range(i, min(i + batch, len(double)))) for i in range(0, len(double), batch)]
-        dtype = autocast_dtype(device) if args.amp is not False else None
-
-        def autocast():
-            return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-        totals = loss_totals(model, double, batches, device, autocast, token_bytes)
-        result["val_bits_per_byte_2x"] = summarize_losses(*totals)["val_bits_per_byte"]
+        twice = validation_bits_per_byte(model, validation.tokens, 2 * block, batch, amp, token_bytes)
+        result["val_bits_per_byte_2x"] = twice["val_bits_per_byte"]
     if name.startswith("window"):
-        prompt = tokenizer.encode("Once upon a time")
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            generate(model, prompt, 200, do_sample=False)
-            times.append(time.perf_counter() - start)
-        result["generate_tokens_per_second"] = 200 / statistics.median(times)
+        context = model.config.max_position_embeddings
+        prompt = validation.tokens[: context - 64].astype("int64").tolist()
+        result["generate_tokens_per_second"] = generation_speed(model, prompt, 64)
     result_path.write_text(json.dumps(result, indent=1))
     return result
 
@@ -174,13 +198,18 @@ def plot(results: dict[str, dict], groups: dict[str, list[str]], out: Path) -> N
     fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.6), squeeze=False)
     for ax, (group, names) in zip(axes[0], groups.items(), strict=True):
         values = [results[n]["val_bits_per_byte"] for n in names]
-        ax.bar(range(len(names)), values, color="tab:blue", label="training length")
-        if group == "positions":
-            twice = [results[n].get("val_bits_per_byte_2x") or 0 for n in names]
-            ax.bar([i + 0.4 for i in range(len(names))], twice, width=0.4, color="tab:orange", label="2x length")
+        shown = list(values)
+        if group == "positions":  # side by side: the training length and twice it (learned: none)
+            ax.bar([i - 0.2 for i in range(len(names))], values, width=0.4, color="tab:blue", label="training length")
+            twice = [(i + 0.2, results[n]["val_bits_per_byte_2x"]) for i, n in enumerate(names)
+                     if results[n].get("val_bits_per_byte_2x") is not None]
+            ax.bar([x for x, _ in twice], [v for _, v in twice], width=0.4, color="tab:orange", label="2x length")
+            shown += [v for _, v in twice]
             ax.legend(fontsize=7)
+        else:
+            ax.bar(range(len(names)), values, color="tab:blue")
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
-        ax.set_ylim(min(values) * 0.9, max(values) * 1.05)
+        ax.set_ylim(min(shown) * 0.9, max(shown) * 1.05)
         ax.set_title(group)
         ax.set_ylabel("validation bits per byte")
     fig.tight_layout()
@@ -228,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
             groups[group] = [n for n in extra if n in results] + groups[group]
     header = (f"Ablations: `{' '.join(['python benchmarks/ablations.py', *(argv if argv is not None else sys.argv[1:])])}`; "
               f"size {options.size} ({' '.join(SIZES[options.size][0]) or 'the default config'}), "
-              f"{options.max_tokens:,} training tokens per run, seed {options.seed}, data {options.dataset}")
+              f"{options.max_tokens:,} training tokens per run, seed {options.seed}, data {options.dataset}; {machine_line()}")
     write_report(results, groups, Path(options.out), header)
     return results
 

@@ -32,6 +32,9 @@ def test_two_tiny_runs_end_to_end_then_a_resume_that_redoes_nothing(corpus, tmp_
 
     monkeypatch.setattr(ablations, "train", must_not_train)
     assert ablations.main(argv) == results
+    other_budget = [*argv[:argv.index("--max_tokens")], "--max_tokens", "8000", *argv[argv.index("--max_tokens") + 2:]]
+    with pytest.raises(AssertionError, match="trained again"):  # a result made with other settings is redone
+        ablations.main(other_budget)
 
 
 def test_unknown_run_names_are_refused(capsys):

@@ -268,6 +268,16 @@ def test_the_repl_reads_one_message_per_line_from_a_pipe(chat_checkpoint, tmp_pa
     assert [m["role"] for m in saved] == ["system", "user", "assistant", "user", "assistant"]
 
 
+@pytest.mark.parametrize("flags, message", [(["--temperature", "-1"], "temperature must be >= 0"),
+                                            (["--top_p", "2"], r"top_p must be in (0, 1]"),
+                                            (["--max_new_tokens", "0"], "max_new_tokens must be from 1 to")])
+def test_bad_sampling_flags_are_one_clear_line_before_the_chat_starts(chat_checkpoint, flags, message):
+    result = subprocess.run([sys.executable, str(REPO / "chat_with_tinystories_model.py"), "--model_path",
+                             str(chat_checkpoint), *flags], input="Hello\n", capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
 def test_the_repl_in_a_terminal_with_commands_ctrl_c_and_ctrl_d(endless_checkpoint):
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(sys.executable, [str(REPO / "chat_with_tinystories_model.py"), "--model_path",
@@ -289,8 +299,12 @@ def test_the_repl_in_a_terminal_with_commands_ctrl_c_and_ctrl_d(endless_checkpoi
     child.expect(r"\S")  # the reply has started
     child.sendintr()  # Ctrl-C stops the reply and returns to the prompt
     child.expect(r"\[stopped\]")
+    child.sendline("/set temperature -1")  # refused with the rule; the REPL goes on
+    child.expect(r"/set temperature: temperature must be >= 0")
     child.sendline("/set max_new_tokens 5")
     child.expect(r"\(max_new_tokens = 5\)")
+    child.sendline("Another story, please.")  # a second full turn after the interrupted one
+    child.expect("> ")
     child.sendeof()  # Ctrl-D leaves
     child.expect(pexpect.EOF)
     child.close()

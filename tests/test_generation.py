@@ -50,9 +50,11 @@ def test_greedy_equals_an_argmax_loop_that_recomputes_everything(position_embedd
     assert generate(model, prompt, 25, do_sample=False) == [argmax_without_cache(model, prompt, 25)]
 
 
-def test_temperature_zero_is_greedy(model):
+@pytest.mark.parametrize("temperature", [0, 1e-4, 1e-30])
+def test_temperature_going_to_zero_is_greedy(model, temperature):
     prompt = [1, 2, 3]
-    assert generate(model, prompt, 10, temperature=0) == generate(model, prompt, 10, do_sample=False)
+    greedy = generate(model, prompt, 10, do_sample=False)
+    assert generate(model, prompt, 10, temperature=temperature, seed=0) == greedy
 
 
 def test_a_batch_of_different_lengths_equals_each_prompt_alone(model):
@@ -139,10 +141,11 @@ def test_repetition_penalty_and_no_repeat_ngrams(model):
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(top_k=-2), "top_k must be >= 0"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
 ])
 def test_invalid_settings_are_refused(model, settings, message):
     with pytest.raises(ValueError, match=message):
-        generate(model, [1], 3, **settings)
+        generate(model, [1], **{"max_new_tokens": 3, **settings})
 
 
 def test_an_empty_prompt_needs_a_start_token(model):

@@ -254,9 +254,13 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpu
     assert metadata["step"] == 5 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_first_batch_that_does_not_fit_says_which_flag_to_lower(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("allocator_message", [
+    "CUDA out of memory. Tried to allocate 2.00 GiB",
+    "[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes",
+])
+def test_a_first_batch_that_does_not_fit_says_which_flag_to_lower(corpus, tmp_path, monkeypatch, allocator_message):
     def out_of_memory(self):
-        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise RuntimeError(allocator_message)
 
     monkeypatch.setattr(Trainer, "train_step", out_of_memory)
     with pytest.raises(TrainingError, match="lower --batch_size"):
