@@ -81,6 +81,15 @@ def load_stories(
     return stories
 
 
+def validation_stories(dataset: str = DEFAULT_DATASET, held_out: int = 200) -> list[str]:
+    """The validation split's stories, or, for data with no such split, the last held_out
+    training stories (a quick look for the notebooks; training holds out a seeded share)."""
+    try:
+        return load_stories(dataset, "validation")
+    except SplitNotFoundError:
+        return load_stories(dataset)[-held_out:]
+
+
 def load_split(dataset: str, split: str = "train") -> datasets.Dataset:
     """One split of a hub data set or of a local path, as a datasets.Dataset."""
     path = Path(dataset).expanduser()

@@ -64,20 +64,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def split_conversations(args: argparse.Namespace) -> tuple[list, list]:
     """Training and validation conversations: the source's validation split when it has one,
     else a seeded held-out share."""
-    def load(split: str) -> list:
+    def load(split: str) -> list:  # conversations, or the stories to build them from
         if args.dataset:
             return load_conversations(args.dataset, split, seed=args.seed)
-        return conversations_from_stories(load_stories(args.from_stories, split), seed=args.seed + (split != "train"))
+        return load_stories(args.from_stories, split)
 
     train = load("train")
     try:
         validation = load("validation")
     except SplitNotFoundError:
+        # Held out before conversations are built from stories: a built conversation may take
+        # the next story for its second turn, and that must not reach across the split.
         shuffled = random.Random(args.seed).sample(range(len(train)), len(train))
         held = max(1, int(len(train) * args.val_fraction))
         if held >= len(train):
-            raise DataError(f"{len(train)} conversations are too few to hold out a validation share") from None
+            raise DataError(f"{len(train)} examples are too few to hold out a validation share") from None
         validation, train = [train[i] for i in shuffled[:held]], [train[i] for i in shuffled[held:]]
+    if args.from_stories:
+        train = conversations_from_stories(train, seed=args.seed)
+        validation = conversations_from_stories(validation, seed=args.seed + 1)
     for name, limit in (("train", args.max_train_conversations), ("validation", args.max_val_conversations)):
         chosen = train if name == "train" else validation
         if limit and limit < len(chosen):

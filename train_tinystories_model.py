@@ -3,7 +3,7 @@
     python train_tinystories_model.py --dataset roneneldan/TinyStories --output_dir tinystories_model \\
         --num_epochs 10 --batch_size 32
     python train_tinystories_model.py --dataset ../shared/data --output_dir tinystories_model
-    python train_tinystories_model.py --output_dir tinystories_model --resume        # after Ctrl-C
+    python train_tinystories_model.py --dataset ../shared/data --output_dir tinystories_model --resume  # after Ctrl-C
     torchrun --nproc_per_node=4 train_tinystories_model.py --dataset ...             # several GPUs/nodes
 
 Stories are encoded once with the tokenizer (--tokenizer_path, from train_bpe_tokenizer_hf.py)
@@ -363,8 +363,10 @@ class Trainer:
             differs = "a run with a different config" if old != self.run_config else "a run already"
             raise ValueError(f"{self.out} holds {differs}: pass --resume to continue it or --overwrite to start over "
                              "(or choose another --output_dir)")
-        if self.args.resume and not (self.out / "last.pth").exists():
-            raise ValueError(f"--resume: no {self.out / 'last.pth'} to continue from")
+        if self.args.resume:
+            if not (self.out / "last.pth").exists():
+                raise ValueError(f"--resume: no {self.out / 'last.pth'} to continue from")
+            self.resume()  # before anything is written, so a refused resume leaves the folder as it was
         if self.dist.world_size > 1:
             dist.barrier()  # every process has checked before the first one writes
         if self.dist.main:
@@ -372,7 +374,9 @@ class Trainer:
             config_path.write_text(json.dumps(vars(self.args), indent=1, sort_keys=True) + "\n", encoding="utf-8")
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(self.args.log_dir or str(self.out / "runs"))
+            # A resumed run drops the logged steps after last.pth, which it is about to redo.
+            self.writer = SummaryWriter(self.args.log_dir or str(self.out / "runs"),
+                                        purge_step=self.state["step"] if self.args.resume else None)
 
     def resume(self) -> None:
         payload = read_checkpoint(self.out / "last.pth")
@@ -488,8 +492,6 @@ class Trainer:
     def run(self) -> dict:
         args = self.args
         self.prepare_output_dir()
-        if args.resume:
-            self.resume()
         if self.dist.world_size > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)

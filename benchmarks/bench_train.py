@@ -46,9 +46,9 @@ def hf_step(amp: bool):
     rng = np.random.default_rng(1)
 
     def step():
-        window = torch.from_numpy(rng.integers(0, config.vocab_size, (BATCH, BLOCK + 1)))
+        window = torch.from_numpy(rng.integers(0, config.vocab_size, (BATCH, BLOCK)))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = model(window[:, :-1], labels=window[:, 1:]).loss
+            loss = model(window, labels=window).loss  # GPT2LMHeadModel shifts the labels itself
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

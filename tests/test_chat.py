@@ -3,6 +3,7 @@ built from stories), assistant-only fine-tuning, and the terminal REPL."""
 
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -309,3 +310,19 @@ def test_the_repl_in_a_terminal_with_commands_ctrl_c_and_ctrl_d(endless_checkpoi
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_a_held_out_share_is_split_by_story_so_no_story_is_in_both(tmp_path):
+    stories = [f"Story {i} begins here. A child named Kid{i} found a red ball. The ball made Kid{i} glad. "
+               f"That was story {i}." for i in range(60)]
+    (tmp_path / "stories.txt").write_text("".join(s + "\n<|endoftext|>\n" for s in stories), encoding="utf-8")
+    args = train_tinystories_chat_model.parse_args(["--base_model", "unused.pth", "--from_stories",
+                                                    str(tmp_path / "stories.txt"), "--val_fraction", "0.25"])
+    train, validation = train_tinystories_chat_model.split_conversations(args)
+
+    def story_numbers(conversations):  # every assistant reply names the story it comes from
+        return {int(n) for c in conversations for m in c if m["role"] == "assistant"
+                for n in re.findall(r"[Ss]tory (\d+)", m["content"])}
+
+    assert len(validation) == 15 and len(train) == 45
+    assert story_numbers(train) and story_numbers(validation) and not story_numbers(train) & story_numbers(validation)

@@ -53,3 +53,16 @@ def test_notebook_runs_top_to_bottom(artifacts, name):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any(o.output_type == "display_data" and "image/png" in o.data for o in outputs) or name == "chat_model_analysis"
+
+
+@pytest.mark.parametrize("name", ["data_exploration", "bpe_exploration", "pretrained_model_analysis",
+                                  "chat_model_analysis"])
+def test_notebook_defaults_are_the_released_models_a_fresh_clone_has(name):
+    notebook = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
+    cell = next(cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", []))
+    defaults: dict = {}
+    exec(cell.source, defaults)
+    checkpoints = [value for value in defaults.values() if isinstance(value, str) and value.endswith(".pth")]
+    assert checkpoints
+    for path in checkpoints:
+        assert path.startswith("pretrained/") and (REPO / path).is_file(), path

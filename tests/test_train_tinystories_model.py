@@ -227,14 +227,18 @@ def test_a_run_directory_is_not_overwritten_by_another_config(corpus, tmp_path):
     assert (tmp_path / "run" / "final_model.pth").read_bytes() == before
 
 
-def test_resuming_with_another_tokenizer_is_refused(corpus, tmp_path):
+def test_resuming_with_another_tokenizer_is_refused_and_writes_nothing(corpus, tmp_path):
     main(train_args(corpus, tmp_path / "run", "--max_steps", "2"))
+    before = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
     other = BPETokenizer.train([story(random.Random(5)) for _ in range(50)], vocab_size=300)
     other.save(tmp_path / "other.json")
     args = train_args(corpus, tmp_path / "run", "--max_steps", "4", "--resume")
     args[args.index("--tokenizer_path") + 1] = str(tmp_path / "other.json")
     with pytest.raises(ValueError, match="another tokenizer"):
         main(args)
+    after = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
+    assert {p: b for p, b in after.items() if "data_cache" not in p.parts} == \
+        {p: b for p, b in before.items() if "data_cache" not in p.parts}  # config.json and logs untouched
 
 
 def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
