@@ -19,6 +19,7 @@ they map straight to their own id and never take part in merges.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import json
@@ -603,14 +604,12 @@ def count_pre_tokens(
     batches = _batches(texts, PARALLEL_MIN_CHARS // 4)
     first = list(islice(batches, 2))
     workers = num_workers or os.cpu_count() or 1
-    if len(first) < 2 or workers == 1:
-        counts = Counter()
-        for batch in chain(first, batches):
-            counts.update(count(batch))
-        return counts
     counts = Counter()
-    with _pool(workers) as pool:
-        results = pool.imap_unordered(count, chain(first, batches))
+    with contextlib.ExitStack() as stack:
+        if len(first) < 2 or workers == 1:
+            results = map(count, chain(first, batches))
+        else:
+            results = stack.enter_context(_pool(workers)).imap_unordered(count, chain(first, batches))
         for batch_counts in _progress(results, show_progress, desc="counting pre-tokens", unit=" batches"):
             counts.update(batch_counts)
     return counts

@@ -103,25 +103,27 @@ def main() -> None:
         ("batch 1, greedy, no KV cache", 1, lambda: greedy_without_cache(ours, prompt, NEW_TOKENS), None),
     ]
 
-    peak, bandwidth = matmul_peak(torch.float32), memory_bandwidth()
+    peaks, bandwidth = {"float32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}, memory_bandwidth()
     weight_bytes = 4 * ours.num_parameters()
-    compute_limit, read_limit = peak / (2 * ours.num_parameters()), bandwidth / weight_bytes
+    read_limit = bandwidth / weight_bytes
     print(machine_line())
-    print(f"matmul peak {peak / 1e12:.3f} TFLOP/s, streaming read {bandwidth / 1e9:.1f} GB/s; "
-          f"{ours.num_parameters():,} parameters ({weight_bytes / 1e6:.1f} MB in float32)")
-    print(f"batch-1 limits in float32: compute {compute_limit:,.0f} tokens/s (2 x parameters FLOPs per token), "
-          f"weight reads {read_limit:,.0f} tokens/s (every weight read once per step)\n")
-    print("| case | ours tokens/s | HF tokens/s | ours / HF | ours / compute limit | ours / weight-read limit |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"matmul peak {peaks['float32'] / 1e12:.3f} TFLOP/s float32, {peaks['bf16'] / 1e12:.3f} bf16; streaming "
+          f"read {bandwidth / 1e9:.1f} GB/s; {ours.num_parameters():,} parameters ({weight_bytes / 1e6:.1f} MB in float32)")
+    print("compute limit: the matmul peak of the case's precision (float32 for int8, which has no int8 peak here) "
+          "over 2 x parameters FLOPs per token; weight-read limit: every weight read once per step\n")
+    print("| case | ours tokens/s | HF tokens/s | ours / HF | ours / compute limit | HF / compute limit "
+          "| ours / weight-read limit |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, batch, run_ours, run_hf in cases:
         tokens = batch * NEW_TOKENS
         seconds = interleaved_seconds([run_ours] if run_hf is None else [run_ours, run_hf], args.repeats, warmup=1)
         ours_tps = tokens / seconds[0]
-        hf_cells = f"{tokens / seconds[1]:,.0f} | {seconds[1] / seconds[0]:.2f}x" if run_hf else " | "
+        compute_limit = peaks["bf16" if "bf16" in name else "float32"] / (2 * ours.num_parameters())
+        hf_cells = (f"{tokens / seconds[1]:,.0f} | {seconds[1] / seconds[0]:.2f}x | {ours_tps / compute_limit:.1%} | "
+                    f"{tokens / seconds[1] / compute_limit:.1%}") if run_hf else f" | | {ours_tps / compute_limit:.1%} | "
         bytes_per_weight = 1 if "int8" in name else 2 if "bf16" in name else 4
         step_limit = read_limit * 4 / bytes_per_weight  # steps per second; each step makes `batch` tokens
-        print(f"| {name} | {ours_tps:,.0f} | {hf_cells} | {ours_tps / compute_limit:.1%} | "
-              f"{ours_tps / (step_limit * batch):.0%} |", flush=True)
+        print(f"| {name} | {ours_tps:,.0f} | {hf_cells} | {ours_tps / (step_limit * batch):.0%} |", flush=True)
     if args.quality_checkpoint:
         int8_quality(args.quality_checkpoint, args.quality_data)
 
