@@ -174,31 +174,27 @@ def main(argv: list[str] | None = None) -> None:
             import readline  # noqa: F401
         print("Chat with a TinyStories model. /help lists the commands; Ctrl-D leaves.")
     while True:
-        try:
-            line = input("> " if interactive else "")
+        replying = False
+        try:  # Ctrl-C anywhere in a turn ends that turn, never the chat
+            line = clean(input("> " if interactive else ""))
+            if not line:
+                continue
+            if not interactive:
+                print(f"> {line}")
+            if line in ("/quit", "/exit"):
+                return
+            if line.startswith("/"):
+                print(session.command(line))
+                continue
+            replying = True
+            for piece in session.reply(line):
+                print(piece, end="", flush=True)
+            print()
         except EOFError:
             print()
             return
         except KeyboardInterrupt:
-            print("\n(Ctrl-D or /quit to leave)")
-            continue
-        line = clean(line)
-        if not line:
-            continue
-        if not interactive:
-            print(f"> {line}")
-        if line in ("/quit", "/exit"):
-            return
-        if line.startswith("/"):
-            print(session.command(line))
-            continue
-        try:
-            for piece in session.reply(line):
-                print(piece, end="", flush=True)
-            print()
-        except KeyboardInterrupt:
-            print(" [stopped]")
-
+            print(" [stopped]" if replying else "\n(Ctrl-D or /quit to leave)")
 
 if __name__ == "__main__":
     run_script(main)

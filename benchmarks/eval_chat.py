@@ -65,8 +65,8 @@ def main() -> None:
             (tokens,) = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, eos_token_id=eos,
                                  seed=args.seed + index)
             reply = tokenizer.decode(t for t in tokens if t != eos)
-            used += words_used(reply, words)
-            all_three += words_used(reply, words) == len(words)
+            count = words_used(reply, words)
+            used, all_three = used + count, all_three + (count == len(words))
             # The control: the words of the next request, which this reply was not asked for.
             control += words_used(reply, word_requests[(index + 1) % len(word_requests)][0])
         asked = 3 * max(len(word_requests), 1)

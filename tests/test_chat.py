@@ -297,7 +297,8 @@ def test_the_repl_in_a_terminal_with_commands_ctrl_c_and_ctrl_d(endless_checkpoi
     child.sendline("/set max_new_tokens 100000")
     child.expect(r"\(max_new_tokens = 100000\)")
     child.sendline("Tell me a very long story. \x01🙂")
-    child.expect(r"\S")  # the reply has started
+    child.expect("🙂\r\n")  # the line is in (its echo ends with the emoji) ...
+    child.expect(r"\S")  # ... and the reply has started
     child.sendintr()  # Ctrl-C stops the reply and returns to the prompt
     child.expect(r"\[stopped\]")
     child.sendline("/set temperature -1")  # refused with the rule; the REPL goes on
