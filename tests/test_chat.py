@@ -306,7 +306,8 @@ def test_the_repl_in_a_terminal_with_commands_ctrl_c_and_ctrl_d(endless_checkpoi
     child.sendline("/set max_new_tokens 5")
     child.expect(r"\(max_new_tokens = 5\)")
     child.sendline("Another story, please.")  # a second full turn after the interrupted one
-    child.expect("> ")
+    child.expect("Another story, please.")  # its echo ...
+    child.expect("\r\n> ")  # ... then the whole reply, and the prompt is back
     child.sendeof()  # Ctrl-D leaves
     child.expect(pexpect.EOF)
     child.close()
