@@ -196,5 +196,6 @@ def main(argv: list[str] | None = None) -> None:
         except KeyboardInterrupt:
             print(" [stopped]" if replying else "\n(Ctrl-D or /quit to leave)")
 
+
 if __name__ == "__main__":
     run_script(main)

@@ -461,9 +461,7 @@ class Trainer:
     def evaluate(self, max_batches: int) -> dict:
         """Validation metrics (see loss_totals), this process's share of the batches, summed
         over all processes."""
-        batches = [list(range(i, min(i + self.args.batch_size, len(self.val_data))))
-                   for i in range(0, len(self.val_data), self.args.batch_size)]
-        batches = batches[self.dist.rank :: self.dist.world_size]
+        batches = sequential_batches(len(self.val_data), self.args.batch_size)[self.dist.rank :: self.dist.world_size]
         if max_batches:
             batches = batches[:max_batches]
         totals = loss_totals(self.raw_model, self.val_data, batches, self.device, self.autocast, self.token_bytes)
@@ -627,6 +625,19 @@ def loss_totals(model: TransformerLM, dataset, batches: list[list[int]], device:
         text_bytes += token_bytes[targets[counted].cpu()].sum().item()
     model.train(was_training)
     return [nats, tokens, text_bytes]
+
+
+def sequential_batches(count: int, batch_size: int) -> list[list[int]]:
+    """Item indices 0 .. count - 1 in order, in batches of batch_size (the last may be shorter)."""
+    return [list(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size)]
+
+
+def windowed_metrics(model: TransformerLM, tokens, block_size: int, batch_size: int, device: torch.device, autocast,
+                     token_bytes: torch.Tensor) -> dict:
+    """summarize_losses over a whole token stream cut into windows of block_size tokens."""
+    windows = TokenWindows(tokens, block_size)
+    batches = sequential_batches(len(windows), batch_size)
+    return summarize_losses(*loss_totals(model, windows, batches, device, autocast, token_bytes))
 
 
 def summarize_losses(nats: float, tokens: float, text_bytes: float) -> dict:

@@ -35,15 +35,9 @@ import torch
 
 from bench_utils import REPO, SHARED_DATA, machine_line
 from bpe_tokenizer import BPETokenizer
-from tinystories_data import TokenWindows, load_stories
-from train_tinystories_model import (
-    loss_totals,
-    parse_args,
-    prepare_pretraining_data,
-    summarize_losses,
-    token_byte_lengths,
-)
+from tinystories_data import load_stories
 from train_tinystories_model import main as train
+from train_tinystories_model import parse_args, prepare_pretraining_data, token_byte_lengths, windowed_metrics
 from transformer_model import autocast_dtype, generate, load_checkpoint
 
 SIZES = {  # model flags, context for the positions/norm/vocab/dropout runs, batch size
@@ -102,15 +96,13 @@ def settings_of(options: argparse.Namespace) -> dict:
 
 def validation_bits_per_byte(model, tokens, block: int, batch: int, amp: bool, token_bytes: torch.Tensor) -> dict:
     """Loss and bits per byte of model over the whole validation stream, cut in windows of block."""
-    windows = TokenWindows(tokens, block)
-    batches = [list(range(i, min(i + batch, len(windows)))) for i in range(0, len(windows), batch)]
     device = model.embed_tokens.weight.device
     dtype = autocast_dtype(device) if amp else None
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
-    return summarize_losses(*loss_totals(model, windows, batches, device, autocast, token_bytes))
+    return windowed_metrics(model, tokens, block, batch, device, autocast, token_bytes)
 
 
 def generation_speed(model, prompt: list[int], new_tokens: int) -> float:

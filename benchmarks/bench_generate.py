@@ -39,14 +39,13 @@ def int8_quality(checkpoint: str, data: str, prompts: int = 20, new_tokens: int 
     int8 model, and how often greedy decoding picks the same tokens."""
     import contextlib
 
-    from tinystories_data import TokenWindows, encode_stories, load_stories
-    from train_tinystories_model import loss_totals, summarize_losses, token_byte_lengths
+    from tinystories_data import encode_stories, load_stories
+    from train_tinystories_model import token_byte_lengths, windowed_metrics
     from transformer_model import load_checkpoint
 
     model, tokenizer, _ = load_checkpoint(checkpoint, device="cpu")
     stories = load_stories(data, "validation")
-    windows = TokenWindows(encode_stories(stories, tokenizer, num_workers=1), 256)
-    batches = [list(range(i, min(i + 16, len(windows)))) for i in range(0, len(windows), 16)]
+    tokens = encode_stories(stories, tokenizer, num_workers=1)
     token_bytes = token_byte_lengths(tokenizer)
     quantized = quantize_int8(model)
     print(f"\nint8 quality on {checkpoint}, validation split of {data}:")
@@ -55,8 +54,7 @@ def int8_quality(checkpoint: str, data: str, prompts: int = 20, new_tokens: int 
     prompt_ids = [tokenizer.encode(" ".join(story.split()[:8])) for story in stories[:prompts]]
     reference = [generate(model, p, new_tokens, do_sample=False)[0] for p in prompt_ids]
     for name, candidate in (("float32", model), ("int8 (dynamic)", quantized)):
-        metrics = summarize_losses(*loss_totals(candidate, windows, batches, torch.device("cpu"),
-                                                contextlib.nullcontext, token_bytes))
+        metrics = windowed_metrics(candidate, tokens, 256, 16, torch.device("cpu"), contextlib.nullcontext, token_bytes)
         outputs = [generate(candidate, p, new_tokens, do_sample=False)[0] for p in prompt_ids]
         same = sum(a == b for ref, out in zip(reference, outputs, strict=True) for a, b in zip(ref, out, strict=True))
         print(f"| {name} | {metrics['val_loss']:.4f} | {metrics['val_bits_per_byte']:.4f} | "

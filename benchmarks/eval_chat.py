@@ -20,7 +20,7 @@ import torch
 
 from bench_utils import SHARED_DATA
 from tinystories_data import ChatExamples, conversations_from_stories, load_stories
-from train_tinystories_model import loss_totals, summarize_losses, token_byte_lengths
+from train_tinystories_model import loss_totals, sequential_batches, summarize_losses, token_byte_lengths
 from transformer_model import generate, load_checkpoint
 
 WORDS_REQUEST = re.compile(r"the words (\w+), (\w+) and (\w+)")
@@ -55,7 +55,7 @@ def main() -> None:
     for name, path in (("base", args.base), ("chat", args.chat)):
         model, tokenizer, _ = load_checkpoint(path, device="cpu")
         examples = ChatExamples(conversations, tokenizer, args.block_size)
-        batches = [list(range(i, min(i + 16, len(examples)))) for i in range(0, len(examples), 16)]
+        batches = sequential_batches(len(examples), 16)
         metrics = summarize_losses(*loss_totals(model, examples, batches, torch.device("cpu"), contextlib.nullcontext,
                                                 token_byte_lengths(tokenizer)))
         eos = tokenizer.special_tokens["<|endoftext|>"]

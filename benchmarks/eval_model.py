@@ -16,8 +16,8 @@ import contextlib
 import torch
 
 from bench_utils import SHARED_DATA
-from tinystories_data import TokenWindows, encode_stories, load_stories, run_script
-from train_tinystories_model import loss_totals, summarize_losses, token_byte_lengths
+from tinystories_data import encode_stories, load_stories, run_script
+from train_tinystories_model import token_byte_lengths, windowed_metrics
 from transformer_model import load_checkpoint
 
 
@@ -26,14 +26,13 @@ def evaluate_checkpoint(path: str, dataset: str, split: str = "validation", bloc
     """{val_loss, val_perplexity, val_bits_per_byte, val_tokens} of the checkpoint on the split."""
     model, tokenizer, metadata = load_checkpoint(path, device="cpu")
     block_size = block_size or metadata.get("args", {}).get("block_size") or model.config.max_position_embeddings
-    windows = TokenWindows(encode_stories(load_stories(dataset, split), tokenizer, desc=f"encoding {split}"), block_size)
-    batches = [list(range(i, min(i + batch_size, len(windows)))) for i in range(0, len(windows), batch_size)]
+    tokens = encode_stories(load_stories(dataset, split), tokenizer, desc=f"encoding {split}")
 
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-    totals = loss_totals(model, windows, batches, torch.device("cpu"), autocast, token_byte_lengths(tokenizer))
-    return summarize_losses(*totals)
+    return windowed_metrics(model, tokens, block_size, batch_size, torch.device("cpu"), autocast,
+                            token_byte_lengths(tokenizer))
 
 
 def main(argv: list[str] | None = None) -> None:
