@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                         help="print tokens as they come (default: on a terminal)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (compiles on the first token: worth it for long or many stories)")
     parser.add_argument("--quantize", choices=["int8"], help="CPU: dynamic int8 quantisation of the linear layers")
     parser.add_argument("--show_stats", action="store_true", help="prompt tokens, new tokens and tokens/second")
     args = parser.parse_args(argv)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quantize:
         model = quantize_int8(model)
     if args.compile:
-        model.forward = torch.compile(model.forward)
+        model.compile_decoding()
     eos = tokenizer.special_tokens.get("<|endoftext|>")
     settings = dict(eos_token_id=eos, bos_token_id=eos)
     sampling = dict(settings, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

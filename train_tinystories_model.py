@@ -95,7 +95,7 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float = 3e
     group.add_argument("--beta2", type=float, default=0.95)
     group.add_argument("--grad_clip", type=float, default=1.0, help="0 = off")
     group.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0 = the epochs decide)")
-    group.add_argument("--max_time_minutes", type=float, default=0, help="stop after this long (0 = no limit)")
+    group.add_argument("--max_time_minutes", type=float, default=0, help="stop once the run has trained this long, resumed parts included (0 = no limit)")
     group.add_argument("--eval_interval", type=int, default=200)
     group.add_argument("--eval_batches", type=int, default=20, help="validation batches per evaluation (0 = all)")
     group.add_argument("--patience", type=int, default=5, help="stop after this many evaluations without "
@@ -422,22 +422,28 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step over gradient_accumulation_steps micro-batches. Each micro-batch
-        loss is divided by their number, so the summed gradients are those of the mean loss
-        over the whole effective batch (batch_size x accumulation x processes)."""
+        """One optimizer step over gradient_accumulation_steps micro-batches. A micro-batch's
+        loss is the mean over its targets (those not -100), so it is weighted by its share of
+        the targets of the whole effective batch (batch_size x accumulation x processes): the
+        summed gradients are then those of the mean loss over all of them, even when targets
+        are uneven across micro-batches (chat trains on assistant tokens only)."""
         args, model = self.args, self.model
-        accumulation = args.gradient_accumulation_steps
-        total = 0.0
-        for micro in range(accumulation):
+        micro_batches = []
+        for _ in range(args.gradient_accumulation_steps):
             indices = self.batches.next_indices()
             if hasattr(self.train_data, "set_epoch"):  # TokenWindows cut the stream afresh each epoch
                 self.train_data.set_epoch(self.batches.epoch)
-            inputs, targets = collate(self.train_data, indices)
+            micro_batches.append(collate(self.train_data, indices))
+        counts = [int((targets != -100).sum()) for _, targets in micro_batches]
+        # DDP averages the processes' gradients, so a process's mean target count is the unit.
+        mean_count = max(self.dist.sum([float(sum(counts))], self.device)[0] / self.dist.world_size, 1.0)
+        total = 0.0
+        for micro, ((inputs, targets), count) in enumerate(zip(micro_batches, counts, strict=True)):
             self.state["tokens"] += inputs.numel() * self.dist.world_size
             inputs, targets = inputs.to(self.device), targets.to(self.device)
-            sync = micro == accumulation - 1 or self.dist.world_size == 1
+            sync = micro == len(micro_batches) - 1 or self.dist.world_size == 1
             with contextlib.nullcontext() if sync else model.no_sync(), self.autocast():
-                loss = model(inputs, targets=targets).loss / accumulation
+                loss = model(inputs, targets=targets).loss * (count / mean_count)
             if not torch.isfinite(loss):
                 raise TrainingError(f"the loss became {loss.item()} at step {self.state['step'] + 1}; the last good "
                                     f"checkpoint is {self.out / 'last.pth'} (try a lower --learning_rate)")
@@ -549,7 +555,7 @@ class Trainer:
                         break
                     window_loss, window_steps = 0.0, 0
                     self.save("last.pth", with_optimizer=True)
-                stop = self.stop_requested or (args.max_time_minutes and time.perf_counter() - started
+                stop = self.stop_requested or (args.max_time_minutes and state["train_seconds"]
                                               > args.max_time_minutes * 60)
                 if self.dist.sum([float(bool(stop))], self.device)[0]:
                     reason = "interrupted" if self.stop_requested else f"time limit ({args.max_time_minutes} min)"

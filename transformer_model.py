@@ -210,6 +210,45 @@ def local_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
     return torch.cat(outputs, dim=2)
 
 
+def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear: x (..., in) @ weight^T (in, out) + bias, made fast for decoding on a CPU.
+
+    A decoding step has one row per sequence, so each layer is a matrix-vector product whose
+    cost is streaming the weight from memory. BLAS's path for it (MKL's gemv) uses one thread
+    and a fraction of the memory's speed. Cutting the weight's rows into one block per thread
+    and multiplying the blocks as a batch (baddbmm) takes the batched path, which keeps every
+    thread streaming: the same result up to rounding order, and up to 4x faster on this
+    model's layers (benchmarks/RESULTS.md). Float32 only (bf16 weights go through oneDNN,
+    which is faster as it is); more rows (training, prompts, larger batches), GPUs and
+    compiled code (torch.compile picks its own kernels) take the plain F.linear too.
+    """
+    if torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    blocks, (out_features, in_features) = torch.get_num_threads(), weight.shape
+    rows = x.numel() // in_features
+    if x.device.type != "cpu" or weight.dtype != torch.float32 or rows > FEW_ROWS or out_features % blocks:
+        return F.linear(x, weight, bias)
+    # (blocks, out / blocks, in) @ (blocks, in, rows): every block meets the same rows.
+    weight_blocks = weight.view(blocks, out_features // blocks, in_features)
+    columns = x.reshape(rows, in_features).T.expand(blocks, in_features, rows)
+    if bias is None:
+        y = torch.bmm(weight_blocks, columns)
+    else:
+        y = torch.baddbmm(bias.view(blocks, -1, 1), weight_blocks, columns)
+    return y.view(out_features, rows).T.reshape(*x.shape[:-1], out_features)
+
+
+FEW_ROWS = 4  # up to this many rows (beam search's 4 beams), few_row_linear takes its batched path
+
+
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) for the model's linear layers: an nn.Linear goes through few_row_linear; any
+    other layer (quantize_int8's int8 Linear) is simply called."""
+    if type(layer) is nn.Linear:
+        return few_row_linear(x, layer.weight, layer.bias)
+    return layer(x)
+
+
 class MultiHeadAttention(nn.Module):
     """Causal self-attention: one fused projection to queries, keys and values, attention
     per head, and an output projection back to the residual stream."""
@@ -235,7 +274,7 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seq, hidden = x.shape
         # (batch, seq, 3 * hidden) -> three tensors of (batch, heads, seq, head_dim)
-        q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = linear(self.qkv, x).view(batch, seq, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -251,7 +290,7 @@ class MultiHeadAttention(nn.Module):
                 mask = mask.to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
         out = out.transpose(1, 2).reshape(batch, seq, hidden)
-        return self.resid_dropout(self.proj(out)), (weights if output_attentions else None)
+        return self.resid_dropout(linear(self.proj, out)), (weights if output_attentions else None)
 
 
 class FeedForward(nn.Module):
@@ -266,7 +305,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate=self.approximate)))
+        return self.dropout(linear(self.fc2, F.gelu(linear(self.fc1, x), approximate=self.approximate)))
 
 
 class TransformerBlock(nn.Module):
@@ -420,6 +459,7 @@ class TransformerLM(nn.Module):
         if config.position_embedding == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(config.num_attention_heads), persistent=False)
         self.dropout = nn.Dropout(config.dropout)
+        self.compiled_decode_step = None  # set by compile_decoding()
         self.blocks = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_hidden_layers))
         # Post-norm blocks already end in a LayerNorm; pre-norm needs one before the head.
         self.final_norm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
@@ -516,23 +556,37 @@ class TransformerLM(nn.Module):
                 rope = cos[:, None], sin[:, None]
 
         mask, is_causal = self._attention_mask(columns, key_columns, key_valid, output_attentions)
-        attentions = []
-        for block in self.blocks:
-            x, weights = block(x, mask, is_causal, rope, cache, output_attentions)
-            attentions.append(weights)
-        x = self.final_norm(x)
-        attentions = tuple(attentions) if output_attentions else None
+        # One new token on a cache: the compiled decode step, if compile_decoding() made one.
+        run_blocks = self.compiled_decode_step if seq == 1 and cache is not None else None
+        x, attentions = (run_blocks or self.run_blocks)(x, mask, is_causal, rope, cache, output_attentions)
         lm_head = getattr(self, "lm_head", None)  # tied: the embedding matrix itself
         if targets is not None and torch.is_grad_enabled():
             # Training: the loss straight from the hidden states, no (batch, seq, vocab) logits.
             head = self.embed_tokens.weight if lm_head is None else lm_head.weight
             loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), head, targets.reshape(-1))
             return LMOutput(None, loss, cache, attentions)
-        logits = F.linear(x, self.embed_tokens.weight) if lm_head is None else lm_head(x)
+        logits = few_row_linear(x, self.embed_tokens.weight) if lm_head is None else linear(lm_head, x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return LMOutput(logits, loss, cache, attentions)
+
+    def run_blocks(self, x, mask, is_causal, rope, cache, output_attentions):
+        """The blocks and the final norm: (batch, seq, hidden) -> (batch, seq, hidden), and
+        each layer's attention weights if asked. Only tensor work: the cache's bookkeeping
+        (Python integers) happened before, in forward, so torch.compile can trace this whole."""
+        attentions = []
+        for block in self.blocks:
+            x, weights = block(x, mask, is_causal, rope, cache, output_attentions)
+            attentions.append(weights)
+        return self.final_norm(x), (tuple(attentions) if output_attentions else None)
+
+    def compile_decoding(self, **compile_options) -> None:
+        """torch.compile the decoding step (one new token on a KV cache), fusing its small
+        operations into a few kernels. Every step has the same shapes (the cache is attended
+        over its whole capacity, unwritten slots masked), so it compiles once per cache size,
+        on the first step. Prompts and training run eagerly, unchanged."""
+        self.compiled_decode_step = torch.compile(self.run_blocks, **compile_options)
 
     @staticmethod
     def _positions(columns: torch.Tensor, cache: KVCache | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -556,11 +610,8 @@ class TransformerLM(nn.Module):
         slopes = self.alibi_slopes if config.position_embedding == "alibi" else None
         fused = config.attention_impl == "sdpa" and not output_attentions
         window, seq = config.window_size, columns.numel()
-        if fused and slopes is None and key_valid is None:
-            if key_columns is None and (window is None or window >= seq):
-                return None, True
-            if key_columns is not None and seq == 1:
-                return None, False  # one new token: every key the cache returns is in its window
+        if fused and slopes is None and key_valid is None and key_columns is None and (window is None or window >= seq):
+            return None, True
         if fused and key_valid is None and key_columns is None and window is not None and window < seq:
             return local_blocks(window, slopes, columns.device), False
         keys = columns if key_columns is None else key_columns
@@ -579,8 +630,15 @@ class KVCache:
     overwritten just when it leaves every later query's window. Without a window the
     buffers double when full (new_cache(max_length=...) sizes them up front).
     Attention does not care about the order of keys, only about their columns, which
-    slot_columns records (for masks and ALiBi).
+    slot_columns records (for masks and ALiBi). An empty slot holds EMPTY, a column after
+    every real one, so the causal mask alone hides it.
+
+    A decoding step (one new token) attends over the whole buffer, the same shapes every
+    step, and writes its key at a slot given as a tensor: no Python integer that changes per
+    step reaches the tensor work, which is what lets compile_decoding compile it once.
     """
+
+    EMPTY = torch.iinfo(torch.long).max
 
     def __init__(self, num_layers: int, batch_size: int, capacity: int, window_size: int | None):
         self.batch_size = batch_size
@@ -589,10 +647,11 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.length = 0  # columns fed so far
-        self.slot_columns: torch.Tensor | None = None  # (capacity,): column in each slot, -1 if empty
+        self.slot_columns: torch.Tensor | None = None  # (capacity,): column in each slot, EMPTY if none
         self.key_valid: torch.Tensor | None = None  # (batch, capacity): False for padding; None if never padded
         self.real_tokens: torch.Tensor | None = None  # (batch,) real tokens so far; None if never padded
-        self._step: tuple[int, int, torch.Tensor, int] | None = None
+        self.slots: torch.Tensor | None = None  # (stored,): the slots this forward writes
+        self._step: tuple[int, int] | None = None  # this forward's (old length, tokens stored)
 
     def begin(
         self, num_new: int, new_valid: torch.Tensor | None, device: torch.device
@@ -607,7 +666,7 @@ class KVCache:
             grown = max(capacity_needed, 2 * self.capacity)
             self._grow(grown if self.window_size is None else min(grown, self.window_size))
         if self.slot_columns is None:
-            self.slot_columns = torch.full((self.capacity,), -1, dtype=torch.long, device=device)
+            self.slot_columns = torch.full((self.capacity,), self.EMPTY, dtype=torch.long, device=device)
         if new_valid is not None and self.key_valid is None:
             self.key_valid = torch.ones(self.batch_size, self.capacity, dtype=torch.bool, device=device)
             self.real_tokens = torch.full((self.batch_size,), old, dtype=torch.long, device=device)
@@ -618,11 +677,9 @@ class KVCache:
         stored = min(num_new, self.capacity)
         slots = new_columns[-stored:] % self.capacity
         in_use = min(old, self.capacity)
-        if num_new == 1:  # written before attending (see update)
+        if num_new == 1:  # decoding: written before attending, and every slot attended (see update)
             self._store_bookkeeping(slots, new_columns, new_valid)
-            in_use = min(old + 1, self.capacity)
-            key_columns = self.slot_columns[:in_use]
-            key_valid = self.key_valid[:, :in_use] if self.key_valid is not None else None
+            key_columns, key_valid = self.slot_columns, self.key_valid
         else:
             key_columns = torch.cat((self.slot_columns[:in_use], new_columns)) if old else None
             key_valid = None
@@ -631,7 +688,7 @@ class KVCache:
             self._store_bookkeeping(slots, new_columns[-stored:], new_valid[:, -stored:] if new_valid is not None else None)
         if self.real_tokens is not None:
             self.real_tokens = self.real_tokens + new_valid.sum(dim=1)
-        self._step = (old, num_new, slots, stored)
+        self.slots, self._step = slots, (old, stored)
         self.length += num_new
         return key_columns, key_valid
 
@@ -643,27 +700,25 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this forward's keys and values (batch, heads, num_new, head_dim) for layer
         and return every key and value the new queries may need."""
-        old, num_new, slots, stored = self._step
         if self.keys[layer] is None:
             shape = (k.size(0), k.size(1), self.capacity, k.size(3))
             self.keys[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
             self.values[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
         keys, values = self.keys[layer], self.values[layer]
-        if num_new == 1:
-            # Decoding: write into the slot, then attend over every slot in use. The slot
-            # written held the column that just left the window.
-            slot = old % self.capacity
-            keys[:, :, slot] = k[:, :, 0]
-            values[:, :, slot] = v[:, :, 0]
-            in_use = min(old + 1, self.capacity)
-            return keys[:, :, :in_use], values[:, :, :in_use]
+        if k.size(2) == 1:
+            # Decoding: write into the slot (it held the column that just left the window),
+            # then attend over the whole buffer; the mask hides empty slots.
+            keys.index_copy_(2, self.slots, k.to(keys.dtype))
+            values.index_copy_(2, self.slots, v.to(values.dtype))
+            return keys, values
+        old, stored = self._step
         # Several new tokens (a prompt): attend over the cached keys then the new ones, and
         # keep the last `capacity` new ones.
         in_use = min(old, self.capacity)
         k_all = torch.cat((keys[:, :, :in_use], k), dim=2) if in_use else k
         v_all = torch.cat((values[:, :, :in_use], v), dim=2) if in_use else v
-        keys.index_copy_(2, slots, k[:, :, -stored:].to(keys.dtype))
-        values.index_copy_(2, slots, v[:, :, -stored:].to(values.dtype))
+        keys.index_copy_(2, self.slots, k[:, :, -stored:].to(keys.dtype))
+        values.index_copy_(2, self.slots, v[:, :, -stored:].to(values.dtype))
         return k_all, v_all
 
     def _grow(self, capacity: int) -> None:
@@ -674,7 +729,7 @@ class KVCache:
                 if buffer is not None:
                     store[i] = F.pad(buffer, (0, 0, 0, extra))
         if self.slot_columns is not None:
-            self.slot_columns = F.pad(self.slot_columns, (0, extra), value=-1)
+            self.slot_columns = F.pad(self.slot_columns, (0, extra), value=self.EMPTY)
         if self.key_valid is not None:
             self.key_valid = F.pad(self.key_valid, (0, extra), value=False)
         self.capacity = capacity
@@ -1000,15 +1055,20 @@ class _NgramBlocker:
         return logits
 
 
+def _prompt_rows(prompts) -> list:
+    """One prompt (token ids), a list of them or a (batch, seq) tensor -> a list of prompts."""
+    if torch.is_tensor(prompts):
+        return prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+    if not prompts or isinstance(prompts[0], int):
+        return [prompts]  # one prompt (possibly empty)
+    return list(prompts)
+
+
 def _prompt_batch(model: TransformerLM, prompts, bos_token_id: int | None, max_new_tokens: int):
     """Token lists -> a left-padded (batch, seq) tensor and its attention mask (None when all
     prompts have the same length), after the checks and the context limit."""
-    if torch.is_tensor(prompts):
-        prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
-    elif not prompts or isinstance(prompts[0], int):
-        prompts = [prompts]  # one prompt (possibly empty)
     rows = []
-    for row in prompts:
+    for row in _prompt_rows(prompts):
         row = [int(t) for t in row]
         if not row:
             if bos_token_id is None:
@@ -1139,7 +1199,7 @@ def generate(model: TransformerLM, prompts, max_new_tokens: int, stop_strings: l
             done[index] = token == eos or (bool(stop_strings) and _ends_with_stop(tokenizer, outputs[index], stop_strings))
         if all(done):
             break
-    return outputs or []
+    return outputs if outputs is not None else [[] for _ in _prompt_rows(prompts)]
 
 
 def _ends_with_stop(tokenizer: BPETokenizer, tokens: list[int], stop_strings: list[str]) -> bool:

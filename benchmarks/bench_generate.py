@@ -9,7 +9,10 @@ so every run makes all 256), tokens/second as a median of --repeats runs:
 batch 1 greedy, temperature sampling, top-p sampling (p = 0.9) and beam search with 4 beams,
 ours and Hugging Face's;
 ours without a cache (the whole sequence recomputed every step: what the cache buys); ours
-with --quantize int8; and batch 16 sampling. The compute limit is the matmul peak measured
+with --quantize int8 and with --compile (the compiled decoding step; compiling happens in the
+warm-up run, outside the timing); and batch 16 sampling. Then each linear layer of a decoding
+step timed alone, F.linear against few_row_linear, and the share of a float32 greedy run's
+operator time spent in matrix multiplications, from torch.profiler. The compute limit is the matmul peak measured
 in the same run over 2 x parameters FLOPs per token.
 """
 
@@ -22,7 +25,15 @@ import warnings
 import torch
 
 from bench_utils import interleaved_seconds, machine_line, matmul_peak, memory_bandwidth
-from transformer_model import TransformerConfig, TransformerLM, beam_search, generate, quantize_int8, to_hf_gpt2
+from transformer_model import (
+    TransformerConfig,
+    TransformerLM,
+    beam_search,
+    few_row_linear,
+    generate,
+    quantize_int8,
+    to_hf_gpt2,
+)
 
 PROMPT_TOKENS, NEW_TOKENS = 16, 256
 
@@ -32,6 +43,49 @@ def greedy_without_cache(model: TransformerLM, prompt: torch.Tensor, steps: int)
     ids = prompt
     for _ in range(steps):
         ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+
+
+def matmul_share(run) -> float:
+    """The fraction of a run's operator time spent in matrix multiplications (torch.profiler):
+    how much of a decoding step is the weights' work rather than everything around it."""
+    from torch.profiler import profile
+
+    with profile() as profiler:
+        run()
+    times = {event.key: event.self_cpu_time_total for event in profiler.key_averages()}
+    return sum(times.get(name, 0) for name in ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")) / sum(times.values())
+
+
+def few_row_linear_table(config: TransformerConfig, repeats: int = 30) -> None:
+    """Each linear layer of a decoding step (one row) with F.linear and with few_row_linear,
+    the weight cold in memory as it is in decoding (a 64 MB buffer is touched before each
+    call, evicting the caches): microseconds per call, medians of `repeats`."""
+    import statistics
+    import time
+
+    import torch.nn.functional as F
+
+    flush = torch.ones(64 * 2**20 // 4)
+
+    def cold_microseconds(fn, *args) -> float:
+        times = []
+        for _ in range(repeats):
+            flush.add_(1)
+            start = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e6
+
+    hidden, inner = config.hidden_size, config.intermediate_size
+    print("\n| layer (out x in) | F.linear us | few_row_linear us | speed-up |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, (out, inp) in {"LM head": (config.vocab_size, hidden), "qkv": (3 * hidden, hidden),
+                             "attention output": (hidden, hidden), "MLP in": (inner, hidden),
+                             "MLP out": (hidden, inner)}.items():
+        weight, bias, x = torch.randn(out, inp), torch.randn(out), torch.randn(1, 1, inp)
+        plain = cold_microseconds(F.linear, x, weight, bias)
+        blocked = cold_microseconds(few_row_linear, x, weight, bias)
+        print(f"| {name} ({out:,} x {inp:,}) | {plain:,.0f} | {blocked:,.0f} | {plain / blocked:.2f}x |", flush=True)
 
 
 def int8_quality(checkpoint: str, data: str, prompts: int = 20, new_tokens: int = 100) -> None:
@@ -74,6 +128,9 @@ def main() -> None:
     ours = TransformerLM(config).eval()
     hf = to_hf_gpt2(ours)
     quantized = quantize_int8(ours)
+    compiled, compiled_int8 = copy.deepcopy(ours), quantize_int8(ours)
+    compiled.compile_decoding()
+    compiled_int8.compile_decoding()
     ours_bf16, hf_bf16 = copy.deepcopy(ours).to(torch.bfloat16), copy.deepcopy(hf).to(torch.bfloat16)
     prompt = torch.randint(0, config.vocab_size, (1, PROMPT_TOKENS))
     batch_prompt = torch.randint(0, config.vocab_size, (16, PROMPT_TOKENS))
@@ -98,6 +155,9 @@ def main() -> None:
          lambda: generate(ours_bf16, prompt, NEW_TOKENS, do_sample=False),
          lambda: hf_bf16.generate(prompt, do_sample=False, **hf_settings)),
         ("batch 1, greedy, --quantize int8", 1, lambda: generate(quantized, prompt, NEW_TOKENS, do_sample=False), None),
+        ("batch 1, greedy, --compile", 1, lambda: generate(compiled, prompt, NEW_TOKENS, do_sample=False), None),
+        ("batch 1, greedy, --quantize int8 --compile", 1,
+         lambda: generate(compiled_int8, prompt, NEW_TOKENS, do_sample=False), None),
         ("batch 1, greedy, no KV cache", 1, lambda: greedy_without_cache(ours, prompt, NEW_TOKENS), None),
     ]
 
@@ -122,6 +182,9 @@ def main() -> None:
         bytes_per_weight = 1 if "int8" in name else 2 if "bf16" in name else 4
         step_limit = read_limit * 4 / bytes_per_weight  # steps per second; each step makes `batch` tokens
         print(f"| {name} | {ours_tps:,.0f} | {hf_cells} | {ours_tps / (step_limit * batch):.0%} |", flush=True)
+    few_row_linear_table(config)
+    share = matmul_share(cases[0][2])
+    print(f"\nbatch 1 greedy, float32: {share:.0%} of operator time in matrix multiplications (torch.profiler)")
     if args.quality_checkpoint:
         int8_quality(args.quality_checkpoint, args.quality_data)
 

@@ -221,6 +221,22 @@ def test_fine_tuning_on_conversations_lowers_the_assistant_loss(base_checkpoint,
     assert (model.config.dropout, model.config.attention_dropout) == (0.05, 0.2)  # the overrides were trained with
 
 
+def test_accumulated_fine_tuning_weighs_every_assistant_token_alike(base_checkpoint, tmp_path):
+    """Assistant tokens fall unevenly across micro-batches; accumulating two micro-batches of 4
+    still gives the gradient of one batch of 8 (the mean over all its assistant tokens)."""
+    def tune(name, *extra):
+        train_tinystories_chat_model.main([
+            "--base_model", str(base_checkpoint / "run" / "best_model.pth"), "--from_stories", str(base_checkpoint),
+            "--output_dir", str(tmp_path / name), "--block_size", "64", "--max_steps", "1", "--eval_interval", "1000",
+            "--max_val_conversations", "8", "--warmup_steps", "0", "--lr_schedule", "constant", "--grad_clip", "0",
+            "--dropout", "0", "--no-amp", "--sample_tokens", "4", *extra])
+        return load_checkpoint(tmp_path / name / "final_model.pth")[0].state_dict()
+
+    big, accumulated = tune("big", "--batch_size", "8"), tune("small", "--batch_size", "4", "--gradient_accumulation_steps", "2")
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], atol=1e-6, rtol=1e-5)
+
+
 def test_dropout_overrides_reach_every_dropout_layer_and_the_attention():
     model = TransformerLM(TransformerConfig(vocab_size=300, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                             intermediate_size=32, max_position_embeddings=32, window_size=None))

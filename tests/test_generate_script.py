@@ -1,5 +1,6 @@
 """generate_tinystories_text.py end to end on a tiny checkpoint, as a user runs it."""
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,15 @@ def test_several_prompts_samples_and_stats(checkpoint):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("--- sample 1") == 2 and result.stdout.count("--- sample 2") == 2
     assert result.stderr.count("tokens/s]") == 4
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compile_makes_the_same_greedy_story(checkpoint):
+    common = ("--model_path", str(checkpoint), "--prompt", "abc", "--max_new_tokens", "30", "--temperature", "0",
+              "--no-stream")
+    compiled = run(*common, "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == run(*common).stdout
 
 
 def test_beam_search_prints_the_best_beams(checkpoint):

@@ -50,6 +50,31 @@ def test_greedy_equals_an_argmax_loop_that_recomputes_everything(position_embedd
     assert generate(model, prompt, 25, do_sample=False) == [argmax_without_cache(model, prompt, 25)]
 
 
+@pytest.mark.parametrize("position_embedding, window, prompts", [
+    ("rope", 6, [[5, 17, 42, 99, 3]]),  # the ring buffer wraps
+    ("alibi", None, [[5, 17, 42], [8, 1, 2, 3, 4, 5, 6]]),  # left padding, float mask
+    ("sinusoidal", 4, [[9, 9, 9, 9, 9, 9, 9, 9]]),
+])
+def test_the_compiled_decoding_step_is_traced_once_whole_and_decodes_like_eager(position_embedding, window, prompts):
+    from torch._dynamo.testing import CompileCounter
+
+    model = tiny_model(position_embedding=position_embedding, window_size=window, initializer_range=0.3)
+    eager = generate(model, prompts, 20, do_sample=False)
+    counter = CompileCounter()  # a backend that counts the graphs it is given and runs them as they are
+    model.compile_decoding(backend=counter, fullgraph=True)  # fullgraph: a graph break would raise
+    try:
+        assert generate(model, prompts, 20, do_sample=False) == eager
+        assert generate(model, prompts, 20, do_sample=False) == eager
+    finally:
+        model.compiled_decode_step = None
+    assert counter.frame_count == 1  # 38 steps, one trace: no step-dependent integer reached the graph
+
+
+def test_zero_new_tokens_give_one_empty_list_per_prompt(model):
+    assert generate(model, [[1, 2], [3]], 0) == [[], []]
+    assert generate(model, [1, 2], 0) == [[]]
+
+
 @pytest.mark.parametrize("temperature", [0, 1e-4, 1e-30])
 def test_temperature_going_to_zero_is_greedy(model, temperature):
     prompt = [1, 2, 3]

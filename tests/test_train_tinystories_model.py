@@ -17,7 +17,7 @@ from conftest import REPO
 from helpers import story, story_tokenizer, write_story_corpus
 from tinystories_data import TokenWindows
 from train_tinystories_model import EpochBatches, Trainer, TrainingError, main
-from transformer_model import load_checkpoint
+from transformer_model import load_checkpoint, read_checkpoint
 
 TINY_MODEL = ["--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "4",
               "--intermediate_size", "64", "--max_position_embeddings", "64", "--window_size", "16"]
@@ -77,6 +77,27 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(corpus, tmp_p
     assert state["step"] == 24
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "interrupted")
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
+def test_the_time_limit_counts_the_whole_run_resumes_included(corpus, tmp_path, monkeypatch):
+    clock = iter(range(0, 10**6, 10))  # a clock on which every reading is 10 s after the last
+    monkeypatch.setattr(trainer_module, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: next(clock))}))
+    original_step = Trainer.train_step
+
+    def step_then_interrupt(self):
+        result = original_step(self)
+        self.stop_requested = self.state["step"] == 4
+        return result
+
+    args = train_args(corpus, tmp_path / "run", "--max_steps", "1000", "--max_time_minutes", "5")
+    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+    first_part = read_checkpoint(tmp_path / "run" / "last.pth")["metadata"]["state"]["train_seconds"]
+    state = main([*args, "--resume"])
+    assert 0 < first_part < 300 < state["train_seconds"]
+    assert state["train_seconds"] - first_part < 300  # the resumed part had only what the first left
 
 
 def test_gradient_accumulation_equals_one_big_batch(corpus, tmp_path):

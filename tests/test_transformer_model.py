@@ -21,6 +21,7 @@ from transformer_model import (
     attention_mask,
     autocast_dtype,
     cpu_has_native_bf16,
+    few_row_linear,
     linear_cross_entropy,
     load_checkpoint,
     local_block_attention,
@@ -134,6 +135,29 @@ def test_local_attention_in_blocks_equals_one_call_with_the_full_mask(seq, alibi
     columns = torch.arange(seq)
     full = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(columns, columns, 4, None, slopes))
     torch.testing.assert_close(local_block_attention(q, k, v, local_blocks(4, slopes)), full)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])  # 3 does not divide 64 output rows: the plain path
+@pytest.mark.parametrize("rows", [1, 3, 4, 40])  # 40 is above FEW_ROWS: the plain path
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_few_row_linear_equals_f_linear_values_and_gradients(threads, rows, with_bias):
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1, 48, generator=generator, requires_grad=True)
+    weight = torch.randn(64, 48, generator=generator, requires_grad=True)
+    bias = torch.randn(64, generator=generator, requires_grad=True) if with_bias else None
+    expected = torch.nn.functional.linear(x, weight, bias)
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, weight])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = few_row_linear(x, weight, bias)
+        grads = torch.autograd.grad(got.square().sum(), [x, weight])
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == (rows, 1, 64)
+    torch.testing.assert_close(got, expected)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):  # (sums in another order)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-4)
 
 
 def test_local_attention_mask_is_causal_and_windowed():
