@@ -1,12 +1,20 @@
 """Small models and data that several test files build."""
 
 import random
+import signal
 from pathlib import Path
 
 import torch
 
 from bpe_tokenizer import BPETokenizer
 from transformer_model import TransformerConfig, TransformerLM
+
+
+def default_ctrl_c() -> None:
+    """preexec_fn for a child process that a test interrupts: give it Ctrl-C's default action,
+    even when the suite runs as a background job (a shell starts those with SIGINT ignored,
+    and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def endless_model(tokenizer: BPETokenizer) -> TransformerLM:

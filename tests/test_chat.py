@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import train_tinystories_chat_model
 from bpe_tokenizer import BPETokenizer
 from conftest import REPO
-from helpers import endless_model, story, story_tokenizer, write_story_corpus
+from helpers import default_ctrl_c, endless_model, story, story_tokenizer, write_story_corpus
 from test_train_tinystories_model import TINY_MODEL
 from tinystories_data import (
     ChatExamples,
@@ -299,7 +299,7 @@ def test_the_repl_in_a_terminal_with_commands_ctrl_c_and_ctrl_d(endless_checkpoi
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(sys.executable, [str(REPO / "chat_with_tinystories_model.py"), "--model_path",
                                            str(endless_checkpoint), "--max_new_tokens", "30", "--seed", "1"],
-                          encoding="utf-8", timeout=60)
+                          encoding="utf-8", timeout=60, preexec_fn=default_ctrl_c)
     child.expect("/help lists the commands")
     child.expect("> ")
     child.sendline("Tell me a story about Tom.")

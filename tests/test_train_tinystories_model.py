@@ -14,7 +14,7 @@ import torch
 import train_tinystories_model as trainer_module
 from bpe_tokenizer import BPETokenizer
 from conftest import REPO
-from helpers import story, story_tokenizer, write_story_corpus
+from helpers import default_ctrl_c, story, story_tokenizer, write_story_corpus
 from tinystories_data import TokenWindows
 from train_tinystories_model import EpochBatches, Trainer, TrainingError, main
 from transformer_model import load_checkpoint, read_checkpoint
@@ -315,7 +315,7 @@ def test_empty_data_is_one_clear_line(corpus, tmp_path):
 def test_ctrl_c_saves_and_says_how_to_resume(corpus, tmp_path):
     process = subprocess.Popen([sys.executable, str(REPO / "train_tinystories_model.py"),
                                 *train_args(corpus, tmp_path / "run", "--max_steps", "100000", "--eval_interval", "50")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_ctrl_c)
     deadline = time.time() + 120
     while not (tmp_path / "run" / "config.json").exists() and time.time() < deadline:
         time.sleep(0.2)
