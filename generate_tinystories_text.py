@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                         help="print tokens as they come (default: on a terminal)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (compiles on the first token: worth it for long or many stories)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step, once, on the first token (meant for GPUs: on this "
+                        "project's CPU it is slower than eager, see benchmarks/RESULTS.md)")
     parser.add_argument("--quantize", choices=["int8"], help="CPU: dynamic int8 quantisation of the linear layers")
     parser.add_argument("--show_stats", action="store_true", help="prompt tokens, new tokens and tokens/second")
     args = parser.parse_args(argv)

@@ -217,8 +217,8 @@ def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     cost is streaming the weight from memory. BLAS's path for it (MKL's gemv) uses one thread
     and a fraction of the memory's speed. Cutting the weight's rows into one block per thread
     and multiplying the blocks as a batch (baddbmm) takes the batched path, which keeps every
-    thread streaming: the same result up to rounding order, and up to 4x faster on this
-    model's layers (benchmarks/RESULTS.md). Float32 only (bf16 weights go through oneDNN,
+    thread streaming: the same result up to rounding order, 4.8x faster for this model's LM
+    head and 1.6x to 1.8x for its wider block layers (benchmarks/RESULTS.md). Float32 only (bf16 weights go through oneDNN,
     which is faster as it is); more rows (training, prompts, larger batches), GPUs and
     compiled code (torch.compile picks its own kernels) take the plain F.linear too.
     """
@@ -557,8 +557,9 @@ class TransformerLM(nn.Module):
 
         mask, is_causal = self._attention_mask(columns, key_columns, key_valid, output_attentions)
         # One new token on a cache: the compiled decode step, if compile_decoding() made one.
-        run_blocks = self.compiled_decode_step if seq == 1 and cache is not None else None
-        x, attentions = (run_blocks or self.run_blocks)(x, mask, is_causal, rope, cache, output_attentions)
+        decoding = seq == 1 and cache is not None and self.compiled_decode_step is not None
+        run_blocks = self.compiled_decode_step if decoding else self.run_blocks
+        x, attentions = run_blocks(x, mask, is_causal, rope, cache, output_attentions)
         lm_head = getattr(self, "lm_head", None)  # tied: the embedding matrix itself
         if targets is not None and torch.is_grad_enabled():
             # Training: the loss straight from the hidden states, no (batch, seq, vocab) logits.
