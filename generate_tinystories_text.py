@@ -43,8 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                         help="print tokens as they come (default: on a terminal)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step, once, on the first token (meant for GPUs: on this "
-                        "project's CPU it is slower than eager, see benchmarks/RESULTS.md)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decoding step on the first new token: about twice as fast afterwards, "
+                             "for some seconds of compiling (CUDA graphs on a GPU); see benchmarks/RESULTS.md")
     parser.add_argument("--quantize", choices=["int8"], help="CPU: dynamic int8 quantisation of the linear layers")
     parser.add_argument("--show_stats", action="store_true", help="prompt tokens, new tokens and tokens/second")
     args = parser.parse_args(argv)
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.seed is not None:
         torch.manual_seed(args.seed)
 
+    compiling = args.compile  # the first story's time includes compiling the decoding step
     for prompt in read_prompts(args):
         prompt_ids = tokenizer.encode(prompt)
         if args.num_beams > 1:
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
             for index, (tokens, score) in enumerate(results):
                 body = tokenizer.decode(t for t in tokens if t != eos)
                 print_story(prompt, body, index, f"beam score {score:.3f}")
-            report(args, prompt_ids, sum(len(t) for t, _ in results), time.perf_counter() - start)
+            report(args, prompt_ids, sum(len(t) for t, _ in results), time.perf_counter() - start, compiling)
+            compiling = False
             continue
         for index in range(args.num_samples):
             start = time.perf_counter()
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
                 (tokens,) = generate(model, prompt_ids, args.max_new_tokens, **sampling)
                 print_story(prompt, tokenizer.decode(t for t in tokens if t != eos), label)
                 new_tokens = len(tokens)
-            report(args, prompt_ids, new_tokens, time.perf_counter() - start)
+            report(args, prompt_ids, new_tokens, time.perf_counter() - start, compiling)
+            compiling = False
 
 
 def print_stream(pieces) -> int:
@@ -130,10 +134,10 @@ def print_story(prompt: str, body: str, index: int | None, note: str = "", end: 
     print(prompt + body, end=end, flush=True)
 
 
-def report(args: argparse.Namespace, prompt_ids: list[int], new_tokens: int, seconds: float) -> None:
+def report(args: argparse.Namespace, prompt_ids: list[int], new_tokens: int, seconds: float, compiling: bool) -> None:
     if args.show_stats:
-        print(f"[{len(prompt_ids)} prompt tokens, {new_tokens} new tokens, {new_tokens / seconds:.1f} tokens/s]",
-              file=sys.stderr)
+        print(f"[{len(prompt_ids)} prompt tokens, {new_tokens} new tokens, {new_tokens / seconds:.1f} tokens/s"
+              f"{', compiling included' if compiling else ''}]", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import copy
+import functools
 import math
 import os
 import pickle
@@ -460,6 +461,7 @@ class TransformerLM(nn.Module):
             self.register_buffer("alibi_slopes", alibi_slopes(config.num_attention_heads), persistent=False)
         self.dropout = nn.Dropout(config.dropout)
         self.compiled_decode_step = None  # set by compile_decoding()
+        self.static_cache_addresses = False  # likewise
         self.blocks = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_hidden_layers))
         # Post-norm blocks already end in a LayerNorm; pre-norm needs one before the head.
         self.final_norm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
@@ -499,7 +501,8 @@ class TransformerLM(nn.Module):
         capacity = config.window_size or max_length or config.max_position_embeddings
         if config.window_size and max_length:
             capacity = min(capacity, max_length)
-        return KVCache(config.num_hidden_layers, batch_size, capacity, config.window_size)
+        return KVCache(config.num_hidden_layers, batch_size, capacity, config.window_size,
+                       static_addresses=self.static_cache_addresses)
 
     def forward(
         self,
@@ -556,17 +559,18 @@ class TransformerLM(nn.Module):
                 rope = cos[:, None], sin[:, None]
 
         mask, is_causal = self._attention_mask(columns, key_columns, key_valid, output_attentions)
-        # One new token on a cache: the compiled decode step, if compile_decoding() made one.
-        decoding = seq == 1 and cache is not None and self.compiled_decode_step is not None
-        run_blocks = self.compiled_decode_step if decoding else self.run_blocks
-        x, attentions = run_blocks(x, mask, is_causal, rope, cache, output_attentions)
-        lm_head = getattr(self, "lm_head", None)  # tied: the embedding matrix itself
+        if seq == 1 and cache is not None and self.compiled_decode_step is not None and targets is None \
+                and not output_attentions:
+            # One new token on a cache: the step that compile_decoding() compiled.
+            logits = self.compiled_decode_step(x, mask, is_causal, rope, cache)
+            return LMOutput(logits, None, cache, None)
+        x, attentions = self.run_blocks(x, mask, is_causal, rope, cache, output_attentions)
         if targets is not None and torch.is_grad_enabled():
             # Training: the loss straight from the hidden states, no (batch, seq, vocab) logits.
-            head = self.embed_tokens.weight if lm_head is None else lm_head.weight
+            head = self.lm_head.weight if hasattr(self, "lm_head") else self.embed_tokens.weight
             loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), head, targets.reshape(-1))
             return LMOutput(None, loss, cache, attentions)
-        logits = few_row_linear(x, self.embed_tokens.weight) if lm_head is None else linear(lm_head, x)
+        logits = self.head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -582,12 +586,43 @@ class TransformerLM(nn.Module):
             attentions.append(weights)
         return self.final_norm(x), (tuple(attentions) if output_attentions else None)
 
-    def compile_decoding(self, **compile_options) -> None:
-        """torch.compile the decoding step (one new token on a KV cache), fusing its small
-        operations into a few kernels. Every step has the same shapes (the cache is attended
-        over its whole capacity, unwritten slots masked), so it compiles once per cache size,
-        on the first step. Prompts and training run eagerly, unchanged."""
-        self.compiled_decode_step = torch.compile(self.run_blocks, **compile_options)
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head: (..., hidden) -> (..., vocab) logits. Tied, its weight is the token
+        embedding matrix itself."""
+        if hasattr(self, "lm_head"):
+            return linear(self.lm_head, x)
+        return few_row_linear(x, self.embed_tokens.weight)
+
+    def decode_step(self, x, mask, is_causal, rope, cache) -> torch.Tensor:
+        """What compile_decoding compiles: the blocks, the final norm and the head for one new
+        token. x (batch, 1, hidden) -> logits (batch, 1, vocab)."""
+        return self.head(self.run_blocks(x, mask, is_causal, rope, cache, False)[0])
+
+    def compile_decoding(self, cuda_graphs: bool | None = None, **compile_options) -> None:
+        """torch.compile the decoding step (one new token on a KV cache) for inference, once
+        the weights are final. Every step has the same shapes (the cache is attended over its
+        whole capacity, unwritten slots masked), so it compiles once per batch and cache size,
+        on the first step. Prompts and training run eagerly.
+
+        cuda_graphs (default: whether the model is on a CUDA device) picks the strategy:
+        - False, for CPUs: the weights become constants of the compiled code (inductor's
+          "freezing"), and max-autotune lets inductor pick its own C++ kernels for these
+          one-row products, pre-packed and fused with their neighbours (about 1.7x eager
+          here, benchmarks/RESULTS.md). Compiling takes seconds.
+        - True, for GPUs: reduce-overhead replays the whole step as one CUDA graph, which
+          removes the launch cost of its many small kernels. A graph writes into the cache
+          in place, so the cache's buffers are marked as fixed addresses (one capture per
+          cache), and freezing, which would fold them in as constants, stays off.
+        compile_options (torch.compile's) replace the default mode.
+        """
+        if cuda_graphs is None:
+            cuda_graphs = self.embed_tokens.weight.device.type == "cuda"
+        if not compile_options:
+            compile_options = {"mode": "reduce-overhead" if cuda_graphs else "max-autotune-no-cudagraphs",
+                               "dynamic": False}
+        step = torch.compile(self.decode_step, **compile_options)
+        self.compiled_decode_step = step if cuda_graphs else functools.partial(with_frozen_weights, step)
+        self.static_cache_addresses = cuda_graphs
 
     @staticmethod
     def _positions(columns: torch.Tensor, cache: KVCache | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -619,6 +654,19 @@ class TransformerLM(nn.Module):
         return attention_mask(columns, keys, window, key_valid, slopes), False
 
 
+def with_frozen_weights(compiled, *args):
+    """compiled(*args) with inductor's freezing on. TorchDynamo reads the flag when it traces,
+    which happens inside a call (the first, or a retrace); set only around the call, it leaves
+    every other torch.compile of the process as it was."""
+    import torch._inductor.config as inductor_config
+
+    before, inductor_config.freezing = inductor_config.freezing, True
+    try:
+        return compiled(*args)
+    finally:
+        inductor_config.freezing = before
+
+
 # ----------------------------------------------------------------------- KV cache
 
 class KVCache:
@@ -641,8 +689,10 @@ class KVCache:
 
     EMPTY = torch.iinfo(torch.long).max
 
-    def __init__(self, num_layers: int, batch_size: int, capacity: int, window_size: int | None):
+    def __init__(self, num_layers: int, batch_size: int, capacity: int, window_size: int | None,
+                 static_addresses: bool = False):
         self.batch_size = batch_size
+        self.static_addresses = static_addresses  # see _new_buffer
         self.capacity = capacity
         self.window_size = window_size
         self.keys: list[torch.Tensor | None] = [None] * num_layers
@@ -703,8 +753,8 @@ class KVCache:
         and return every key and value the new queries may need."""
         if self.keys[layer] is None:
             shape = (k.size(0), k.size(1), self.capacity, k.size(3))
-            self.keys[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.values[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            self.keys[layer] = self._new_buffer(torch.zeros(shape, dtype=k.dtype, device=k.device))
+            self.values[layer] = self._new_buffer(torch.zeros(shape, dtype=v.dtype, device=v.device))
         keys, values = self.keys[layer], self.values[layer]
         if k.size(2) == 1:
             # Decoding: write into the slot (it held the column that just left the window),
@@ -722,13 +772,21 @@ class KVCache:
         values.index_copy_(2, self.slots, v[:, :, -stored:].to(values.dtype))
         return k_all, v_all
 
+    def _new_buffer(self, buffer: torch.Tensor) -> torch.Tensor:
+        """A key or value buffer. For a compiled decoding step, which writes into it in place,
+        its address is marked as fixed: a CUDA graph may only write into inputs whose address it
+        keeps (captured once per cache)."""
+        if self.static_addresses:
+            torch._dynamo.mark_static_address(buffer)
+        return buffer
+
     def _grow(self, capacity: int) -> None:
         """Enlarge the buffers. Only happens before the ring wraps, so slots are in order."""
         extra = capacity - self.capacity
         for store in (self.keys, self.values):
             for i, buffer in enumerate(store):
                 if buffer is not None:
-                    store[i] = F.pad(buffer, (0, 0, 0, extra))
+                    store[i] = self._new_buffer(F.pad(buffer, (0, 0, 0, extra)))
         if self.slot_columns is not None:
             self.slot_columns = F.pad(self.slot_columns, (0, extra), value=self.EMPTY)
         if self.key_valid is not None:
@@ -746,7 +804,7 @@ class KVCache:
                 if index.numel() == buffer.size(0):
                     buffer[:, :, :in_use] = buffer[:, :, :in_use].index_select(0, index)
                 else:  # a different number of rows: a new buffer
-                    store[i] = buffer.index_select(0, index)
+                    store[i] = self._new_buffer(buffer.index_select(0, index))
         if self.key_valid is not None:
             self.key_valid = self.key_valid.index_select(0, index)
             self.real_tokens = self.real_tokens.index_select(0, index)
@@ -998,14 +1056,44 @@ def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filtering: keep the most probable tokens whose probabilities add up to at
     least p (always at least one); -inf elsewhere. Sorted ascending, a token is dropped when
-    the probability mass at or below it is at most 1 - p."""
+    the probability mass at or below it is at most 1 - p.
+
+    On a CPU, sorting the whole vocabulary is the slow part (about 0.6 ms for 10,000 logits
+    here, more than a decoding step), so the rule is first applied to a few logits found by
+    torch.topk, when they are enough to decide it:
+    - a peaked distribution (a trained model's, nearly always): if the TOP_P_NUCLEUS largest
+      hold a mass of at least p, the nucleus is among them. In descending order a token is
+      dropped when the mass strictly above it is at least p, and every token outside is.
+      (They cannot hold p when TOP_P_NUCLEUS x the largest probability is below it.)
+    - a flat one: if the TOP_P_TAIL smallest hold more than 1 - p, every dropped token is
+      among them, and the ascending rule applies to them as it is.
+    Only when neither holds is the whole vocabulary sorted. On a GPU the sort is one fast
+    kernel, quicker than those steps (benchmarks/RESULTS.md), and is always used."""
     if p >= 1.0:
         return logits
+    if logits.device.type == "cpu" and logits.size(-1) > 2 * TOP_P_TAIL:
+        log_total = logits.logsumexp(dim=-1, keepdim=True)
+        largest_prob = (logits.amax(dim=-1) - log_total[..., 0]).exp()
+        if bool((TOP_P_NUCLEUS * largest_prob >= p).all()):
+            top, index = torch.topk(logits, TOP_P_NUCLEUS, dim=-1)  # descending
+            probs = (top - log_total).exp()
+            mass = probs.cumsum(dim=-1)
+            if bool((mass[..., -1] >= p).all()):
+                kept = top.masked_fill(mass - probs >= p, float("-inf"))
+                return torch.full_like(logits, float("-inf")).scatter(-1, index, kept)
+        bottom, index = torch.topk(logits, TOP_P_TAIL, dim=-1, largest=False)  # ascending
+        mass = (bottom - log_total).exp().cumsum(dim=-1)
+        if bool((mass[..., -1] > 1.0 - p).all()):
+            return logits.scatter(-1, index, bottom.masked_fill(mass <= 1.0 - p, float("-inf")))
     ascending, order = torch.sort(logits, dim=-1)
     mass_at_or_below = ascending.softmax(dim=-1).cumsum(dim=-1)
     drop = mass_at_or_below <= 1.0 - p
     drop[..., -1] = False  # the most probable token always stays
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+TOP_P_NUCLEUS = 256  # filter_top_p looks for the nucleus among this many largest logits,
+TOP_P_TAIL = 2048  # then for the dropped tokens among this many smallest
 
 
 def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,18 +1,18 @@
 """Generation speed: our KV-cache decoding against Hugging Face generate, same weights.
 
-    python benchmarks/bench_generate.py --repeats 3
+    python benchmarks/bench_generate.py --repeats 3 [--device cuda]
 
 A GPT-2-shaped configuration of the default size (learned positions, full attention,
 gelu_tanh; 5.85M parameters) is copied into transformers.GPT2LMHeadModel with to_hf_gpt2, so
-both run identical weights. CPU, float32, a 16-token prompt and 256 new tokens (no end token,
-so every run makes all 256), tokens/second as a median of --repeats runs:
-batch 1 greedy, temperature sampling, top-p sampling (p = 0.9) and beam search with 4 beams,
-ours and Hugging Face's;
-ours without a cache (the whole sequence recomputed every step: what the cache buys); ours
-with --quantize int8 and with --compile (the compiled decoding step; compiling happens in the
-warm-up run, outside the timing); and batch 16 sampling. Then each linear layer of a decoding
-step timed alone, F.linear against few_row_linear, and the share of a float32 greedy run's
-operator time spent in matrix multiplications, from torch.profiler. The compute limit is the matmul peak measured
+both run identical weights. Float32, a 16-token prompt and 256 new tokens (no end token, so
+every run makes all 256), tokens/second as a median of --repeats interleaved runs: batch 1
+greedy, temperature sampling, top-p sampling (p = 0.9) and beam search with 4 beams, batch 16
+top-p sampling and bf16 weights, each ours eager, ours with the compiled decoding step (the
+CLI's --compile; compiling happens in the warm-up run, outside the timing) and Hugging Face's;
+on a CPU also --quantize int8; and ours without a cache (the whole sequence recomputed every
+step: what the cache buys). On a CPU, then each linear layer of a decoding step timed alone,
+F.linear against few_row_linear, and the share of a float32 greedy run's operator time spent
+in matrix multiplications, from torch.profiler. The compute limit is the matmul peak measured
 in the same run over 2 x parameters FLOPs per token.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import warnings
 
 import torch
@@ -118,73 +119,91 @@ def int8_quality(checkpoint: str, data: str, prompts: int = 20, new_tokens: int 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--quality_checkpoint", default=None, help="also measure int8's quality on this model")
     parser.add_argument("--quality_data", default="../shared/data", help="its validation split is scored")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    on_cpu = device.type == "cpu"
 
     config = TransformerConfig(position_embedding="learned", window_size=None, activation="gelu_tanh")
-    ours = TransformerLM(config).eval()
+    ours = TransformerLM(config).eval().to(device)
     hf = to_hf_gpt2(ours)
-    quantized = quantize_int8(ours)
-    compiled, compiled_int8 = copy.deepcopy(ours), quantize_int8(ours)
-    compiled.compile_decoding()
-    compiled_int8.compile_decoding()
     ours_bf16, hf_bf16 = copy.deepcopy(ours).to(torch.bfloat16), copy.deepcopy(hf).to(torch.bfloat16)
-    prompt = torch.randint(0, config.vocab_size, (1, PROMPT_TOKENS))
-    batch_prompt = torch.randint(0, config.vocab_size, (16, PROMPT_TOKENS))
+    quantized = quantize_int8(ours) if on_cpu else None
+    prompt = torch.randint(0, config.vocab_size, (1, PROMPT_TOKENS), device=device)
+    batch_prompt = torch.randint(0, config.vocab_size, (16, PROMPT_TOKENS), device=device)
     hf_settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0)
-    cases = [
-        ("batch 1, greedy", 1,
-         lambda: generate(ours, prompt, NEW_TOKENS, do_sample=False),
-         lambda: hf.generate(prompt, do_sample=False, **hf_settings)),
-        ("batch 1, temperature 0.8 sampling", 1,
-         lambda: generate(ours, prompt, NEW_TOKENS, temperature=0.8, seed=0),
-         lambda: hf.generate(prompt, do_sample=True, temperature=0.8, top_k=0, **hf_settings)),
-        ("batch 1, top-p 0.9 sampling", 1,
-         lambda: generate(ours, prompt, NEW_TOKENS, top_p=0.9, seed=0),
-         lambda: hf.generate(prompt, do_sample=True, top_p=0.9, top_k=0, **hf_settings)),
-        ("batch 1, beam search, 4 beams", 1,
-         lambda: beam_search(ours, prompt, num_beams=4, max_new_tokens=NEW_TOKENS),
-         lambda: hf.generate(prompt, do_sample=False, num_beams=4, **hf_settings)),
-        ("batch 16, top-p 0.9 sampling", 16,
-         lambda: generate(ours, batch_prompt, NEW_TOKENS, top_p=0.9, seed=0),
-         lambda: hf.generate(batch_prompt, do_sample=True, top_p=0.9, top_k=0, **hf_settings)),
-        ("batch 1, greedy, bf16 weights", 1,
-         lambda: generate(ours_bf16, prompt, NEW_TOKENS, do_sample=False),
-         lambda: hf_bf16.generate(prompt, do_sample=False, **hf_settings)),
-        ("batch 1, greedy, --quantize int8", 1, lambda: generate(quantized, prompt, NEW_TOKENS, do_sample=False), None),
-        ("batch 1, greedy, --compile", 1, lambda: generate(compiled, prompt, NEW_TOKENS, do_sample=False), None),
-        ("batch 1, greedy, --quantize int8 --compile", 1,
-         lambda: generate(compiled_int8, prompt, NEW_TOKENS, do_sample=False), None),
-        ("batch 1, greedy, no KV cache", 1, lambda: greedy_without_cache(ours, prompt, NEW_TOKENS), None),
-    ]
 
-    peaks, bandwidth = {"float32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}, memory_bandwidth()
+    def compiled(model: TransformerLM) -> TransformerLM:
+        model = copy.deepcopy(model)
+        model.compile_decoding()  # compiles on its first decoding step, in a warm-up run
+        return model
+
+    def synced(fn):  # a GPU runs asynchronously: a run ends when the device is done
+        return fn if on_cpu else lambda: (fn(), torch.cuda.synchronize(device))
+
+    greedy = dict(do_sample=False)
+    temperature, top_p = dict(temperature=0.8, seed=0), dict(top_p=0.9, seed=0)
+    # (case, batch, our model, how ours runs, how Hugging Face runs (None: no peer))
+    cases = [
+        ("batch 1, greedy", 1, ours, lambda m: generate(m, prompt, NEW_TOKENS, **greedy),
+         lambda: hf.generate(prompt, do_sample=False, **hf_settings)),
+        ("batch 1, temperature 0.8 sampling", 1, ours, lambda m: generate(m, prompt, NEW_TOKENS, **temperature),
+         lambda: hf.generate(prompt, do_sample=True, temperature=0.8, top_k=0, **hf_settings)),
+        ("batch 1, top-p 0.9 sampling", 1, ours, lambda m: generate(m, prompt, NEW_TOKENS, **top_p),
+         lambda: hf.generate(prompt, do_sample=True, top_p=0.9, top_k=0, **hf_settings)),
+        ("batch 1, beam search, 4 beams", 1, ours,
+         lambda m: beam_search(m, prompt, num_beams=4, max_new_tokens=NEW_TOKENS),
+         lambda: hf.generate(prompt, do_sample=False, num_beams=4, **hf_settings)),
+        ("batch 16, top-p 0.9 sampling", 16, ours, lambda m: generate(m, batch_prompt, NEW_TOKENS, **top_p),
+         lambda: hf.generate(batch_prompt, do_sample=True, top_p=0.9, top_k=0, **hf_settings)),
+        ("batch 1, greedy, bf16 weights", 1, ours_bf16, lambda m: generate(m, prompt, NEW_TOKENS, **greedy),
+         lambda: hf_bf16.generate(prompt, do_sample=False, **hf_settings)),
+    ]
+    if on_cpu:
+        cases.append(("batch 1, greedy, --quantize int8", 1, quantized,
+                      lambda m: generate(m, prompt, NEW_TOKENS, **greedy), None))
+
+    peaks = {dtype: matmul_peak(dtype, device=str(device)) for dtype in (torch.float32, torch.bfloat16)}
+    bandwidth = memory_bandwidth(device=str(device))
     weight_bytes = 4 * ours.num_parameters()
-    read_limit = bandwidth / weight_bytes
-    print(machine_line())
-    print(f"matmul peak {peaks['float32'] / 1e12:.3f} TFLOP/s float32, {peaks['bf16'] / 1e12:.3f} bf16; streaming "
-          f"read {bandwidth / 1e9:.1f} GB/s; {ours.num_parameters():,} parameters ({weight_bytes / 1e6:.1f} MB in float32)")
+    print(machine_line() if on_cpu else f"{machine_line()}, {torch.cuda.get_device_name(device)}")
+    print(f"matmul peak {peaks[torch.float32] / 1e12:.3f} TFLOP/s float32, {peaks[torch.bfloat16] / 1e12:.3f} bf16; "
+          f"streaming read {bandwidth / 1e9:.1f} GB/s; {ours.num_parameters():,} parameters "
+          f"({weight_bytes / 1e6:.1f} MB in float32)")
     print("compute limit: the matmul peak of the case's precision (float32 for int8, which has no int8 peak here) "
           "over 2 x parameters FLOPs per token; weight-read limit: every weight read once per step\n")
-    print("| case | ours tokens/s | HF tokens/s | ours / HF | ours / compute limit | HF / compute limit "
-          "| ours / weight-read limit |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, batch, run_ours, run_hf in cases:
-        tokens = batch * NEW_TOKENS
-        seconds = interleaved_seconds([run_ours] if run_hf is None else [run_ours, run_hf], args.repeats, warmup=1)
-        ours_tps = tokens / seconds[0]
-        compute_limit = peaks["bf16" if "bf16" in name else "float32"] / (2 * ours.num_parameters())
-        hf_cells = (f"{tokens / seconds[1]:,.0f} | {seconds[1] / seconds[0]:.2f}x | {ours_tps / compute_limit:.1%} | "
-                    f"{tokens / seconds[1] / compute_limit:.1%}") if run_hf else f" | | {ours_tps / compute_limit:.1%} | "
-        bytes_per_weight = 1 if "int8" in name else 2 if "bf16" in name else 4
-        step_limit = read_limit * 4 / bytes_per_weight  # steps per second; each step makes `batch` tokens
-        print(f"| {name} | {ours_tps:,.0f} | {hf_cells} | {ours_tps / (step_limit * batch):.0%} |", flush=True)
-    few_row_linear_table(config)
-    share = matmul_share(cases[0][2])
-    print(f"\nbatch 1 greedy, float32: {share:.0%} of operator time in matrix multiplications (torch.profiler)")
+    print("| case | ours tokens/s | ours --compile tokens/s | HF tokens/s | ours / HF | --compile / HF "
+          "| fastest ours / compute limit | HF / compute limit | fastest ours / weight-read limit |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, batch, model, run_ours, run_hf in cases:
+        runs = [synced(functools.partial(run_ours, candidate)) for candidate in (model, compiled(model))]
+        runs += [synced(run_hf)] if run_hf else []
+        tokens_per_second = [batch * NEW_TOKENS / s for s in interleaved_seconds(runs, args.repeats, warmup=1)]
+        eager, fast = tokens_per_second[0], tokens_per_second[1]
+        bf16 = "bf16" in name
+        compute_limit = peaks[torch.bfloat16 if bf16 else torch.float32] / (2 * ours.num_parameters())
+        bytes_per_weight = 1 if "int8" in name else 2 if bf16 else 4
+        read_limit = batch * bandwidth / (weight_bytes * bytes_per_weight / 4)  # tokens/s: one weight read per step
+        best = max(eager, fast)
+        if run_hf:
+            hf_tps = tokens_per_second[2]
+            peer = f"{hf_tps:,.0f} | {eager / hf_tps:.2f}x | {fast / hf_tps:.2f}x"
+            peer_limit = f"{hf_tps / compute_limit:.1%}"
+        else:
+            peer, peer_limit = " | | ", ""
+        print(f"| {name} | {eager:,.0f} | {fast:,.0f} | {peer} | {best / compute_limit:.1%} | {peer_limit} | "
+              f"{best / read_limit:.0%} |", flush=True)
+    without_cache = interleaved_seconds([synced(lambda: greedy_without_cache(ours, prompt, NEW_TOKENS))], args.repeats,
+                                        warmup=1)[0]
+    print(f"| batch 1, greedy, no KV cache | {NEW_TOKENS / without_cache:,.0f} | | | | | | | |")
+    if on_cpu:
+        few_row_linear_table(config)
+        share = matmul_share(lambda: generate(ours, prompt, NEW_TOKENS, **greedy))
+        print(f"\nbatch 1 greedy, float32: {share:.0%} of operator time in matrix multiplications (torch.profiler)")
     if args.quality_checkpoint:
         int8_quality(args.quality_checkpoint, args.quality_data)
 

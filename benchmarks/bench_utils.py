@@ -76,10 +76,16 @@ def matmul_peak(dtype, size: int = 2048, repeats: int = 10, device: str = "cpu")
     return 2 * size**3 / median_seconds(multiply, repeats, warmup=3)
 
 
-def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+def memory_bandwidth(megabytes: int = 512, repeats: int = 5, device: str = "cpu") -> float:
     """Bytes/s of a streaming read (summing a large float32 tensor): the ceiling for work that
     must read every weight once per step, like decoding one token."""
     import torch
 
-    x = torch.ones(megabytes * 2**20 // 4)
-    return x.numel() * 4 / median_seconds(x.sum, repeats, warmup=1)
+    x = torch.ones(megabytes * 2**20 // 4, device=device)
+
+    def read():
+        x.sum()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    return x.numel() * 4 / median_seconds(read, repeats, warmup=1)

@@ -50,24 +50,24 @@ def test_greedy_equals_an_argmax_loop_that_recomputes_everything(position_embedd
     assert generate(model, prompt, 25, do_sample=False) == [argmax_without_cache(model, prompt, 25)]
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, True])  # frozen weights (CPUs), or caches at fixed addresses (GPUs)
 @pytest.mark.parametrize("position_embedding, window, prompts", [
     ("rope", 6, [[5, 17, 42, 99, 3]]),  # the ring buffer wraps
     ("alibi", None, [[5, 17, 42], [8, 1, 2, 3, 4, 5, 6]]),  # left padding, float mask
     ("sinusoidal", 4, [[9, 9, 9, 9, 9, 9, 9, 9]]),
 ])
-def test_the_compiled_decoding_step_is_traced_once_whole_and_decodes_like_eager(position_embedding, window, prompts):
+def test_the_compiled_decoding_step_is_traced_once_whole_and_decodes_like_eager(position_embedding, window, prompts,
+                                                                                 cuda_graphs):
     from torch._dynamo.testing import CompileCounter
 
     model = tiny_model(position_embedding=position_embedding, window_size=window, initializer_range=0.3)
     eager = generate(model, prompts, 20, do_sample=False)
     counter = CompileCounter()  # a backend that counts the graphs it is given and runs them as they are
-    model.compile_decoding(backend=counter, fullgraph=True)  # fullgraph: a graph break would raise
-    try:
-        assert generate(model, prompts, 20, do_sample=False) == eager
-        assert generate(model, prompts, 20, do_sample=False) == eager
-    finally:
-        model.compiled_decode_step = None
+    model.compile_decoding(cuda_graphs=cuda_graphs, backend=counter, fullgraph=True)  # a graph break would raise
+    assert generate(model, prompts, 20, do_sample=False) == eager
+    assert generate(model, prompts, 20, do_sample=False) == eager  # a new cache: new buffers, no retrace
     assert counter.frame_count == 1  # 38 steps, one trace: no step-dependent integer reached the graph
+    assert not torch._inductor.config.freezing  # frozen weights only inside the compiled step's calls
 
 
 def test_zero_new_tokens_give_one_empty_list_per_prompt(model):
@@ -149,6 +149,28 @@ def test_top_p_filter_equals_hugging_face_ties_included(p):
 
     logits = torch.randn(6, 50).round(decimals=1)
     torch.testing.assert_close(filter_top_p(logits, p), TopPLogitsWarper(p)(None, logits.clone()))
+
+
+def test_top_p_on_a_large_vocabulary_equals_hugging_face_on_each_of_its_paths():
+    from transformers import TopPLogitsWarper
+
+    from transformer_model import TOP_P_NUCLEUS, TOP_P_TAIL
+
+    def path(logits, p):  # which part of filter_top_p decides (see its docstring)
+        probs = logits.softmax(-1)
+        if bool((probs.topk(TOP_P_NUCLEUS).values.sum(-1) >= p).all()):
+            return "largest"
+        smallest = probs.topk(TOP_P_TAIL, largest=False).values.sum(-1)
+        return "smallest" if bool((smallest > 1 - p).all()) else "sort"
+
+    torch.manual_seed(0)
+    paths = set()
+    for scale in (6.0, 1.0, 0.01):  # peaked to nearly uniform
+        logits = torch.randn(4, 3 * TOP_P_TAIL) * scale
+        for p in (0.2, 0.5, 0.9, 0.99):
+            assert torch.equal(filter_top_p(logits, p), TopPLogitsWarper(p)(None, logits.clone())), (scale, p)
+            paths.add(path(logits, p))
+    assert paths == {"largest", "smallest", "sort"}
 
 
 def test_repetition_penalty_and_no_repeat_ngrams(model):
