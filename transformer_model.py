@@ -25,6 +25,7 @@ import math
 import os
 import pickle
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
@@ -218,10 +219,11 @@ def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     cost is streaming the weight from memory. BLAS's path for it (MKL's gemv) uses one thread
     and a fraction of the memory's speed. Cutting the weight's rows into one block per thread
     and multiplying the blocks as a batch (baddbmm) takes the batched path, which keeps every
-    thread streaming: the same result up to rounding order, 4.8x faster for this model's LM
-    head and 1.6x to 1.8x for its wider block layers (benchmarks/RESULTS.md). Float32 only (bf16 weights go through oneDNN,
-    which is faster as it is); more rows (training, prompts, larger batches), GPUs and
-    compiled code (torch.compile picks its own kernels) take the plain F.linear too.
+    thread streaming: the same result up to rounding order, about 3.7x faster for this model's
+    LM head and 1.3x to 1.6x for its wider block layers (benchmarks/RESULTS.md). Float32 only
+    (bf16 weights go through oneDNN, which is faster as it is); more rows (training, prompts,
+    larger batches), GPUs and compiled code (torch.compile picks its own kernels) take the
+    plain F.linear too.
     """
     if torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
@@ -496,11 +498,16 @@ class TransformerLM(nn.Module):
         return total
 
     def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
-        """An empty KV cache; max_length (prompt + new tokens) sizes it up front."""
+        """An empty KV cache; max_length (prompt + new tokens) sizes it up front. With a
+        compiled decoding step every cache takes the largest size a run can need (the window,
+        or the context: a longer prompt is cut to fit), so that its shapes, and the compiled
+        code, are the same for every prompt and length."""
         config = self.config
         capacity = config.window_size or max_length or config.max_position_embeddings
         if config.window_size and max_length:
             capacity = min(capacity, max_length)
+        if self.compiled_decode_step is not None:
+            capacity = config.window_size or config.max_position_embeddings
         return KVCache(config.num_hidden_layers, batch_size, capacity, config.window_size,
                        static_addresses=self.static_cache_addresses)
 
@@ -562,13 +569,12 @@ class TransformerLM(nn.Module):
         if seq == 1 and cache is not None and self.compiled_decode_step is not None and targets is None \
                 and not output_attentions:
             # One new token on a cache: the step that compile_decoding() compiled.
-            logits = self.compiled_decode_step(x, mask, is_causal, rope, cache)
+            logits = self.compiled_decode_step(self, x, mask, is_causal, rope, cache)
             return LMOutput(logits, None, cache, None)
         x, attentions = self.run_blocks(x, mask, is_causal, rope, cache, output_attentions)
         if targets is not None and torch.is_grad_enabled():
             # Training: the loss straight from the hidden states, no (batch, seq, vocab) logits.
-            head = self.lm_head.weight if hasattr(self, "lm_head") else self.embed_tokens.weight
-            loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), head, targets.reshape(-1))
+            loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.head_weight, targets.reshape(-1))
             return LMOutput(None, loss, cache, attentions)
         logits = self.head(x)
         loss = None
@@ -576,7 +582,10 @@ class TransformerLM(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return LMOutput(logits, loss, cache, attentions)
 
-    def run_blocks(self, x, mask, is_causal, rope, cache, output_attentions):
+    def run_blocks(
+        self, x: torch.Tensor, mask: torch.Tensor | LocalBlocks | None, is_causal: bool,
+        rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None, output_attentions: bool,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """The blocks and the final norm: (batch, seq, hidden) -> (batch, seq, hidden), and
         each layer's attention weights if asked. Only tensor work: the cache's bookkeeping
         (Python integers) happened before, in forward, so torch.compile can trace this whole."""
@@ -586,41 +595,57 @@ class TransformerLM(nn.Module):
             attentions.append(weights)
         return self.final_norm(x), (tuple(attentions) if output_attentions else None)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's (vocab, hidden) weight: tied, the token embedding matrix itself."""
+        return self.lm_head.weight if hasattr(self, "lm_head") else self.embed_tokens.weight
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """The LM head: (..., hidden) -> (..., vocab) logits. Tied, its weight is the token
-        embedding matrix itself."""
+        """The LM head: (..., hidden) -> (..., vocab) logits. (quantize_int8's head is a
+        layer of its own, with no float weight, so it is called as it is.)"""
         if hasattr(self, "lm_head"):
             return linear(self.lm_head, x)
         return few_row_linear(x, self.embed_tokens.weight)
 
-    def decode_step(self, x, mask, is_causal, rope, cache) -> torch.Tensor:
+    def decode_step(
+        self, x: torch.Tensor, mask: torch.Tensor, is_causal: bool, rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache,
+    ) -> torch.Tensor:
         """What compile_decoding compiles: the blocks, the final norm and the head for one new
         token. x (batch, 1, hidden) -> logits (batch, 1, vocab)."""
         return self.head(self.run_blocks(x, mask, is_causal, rope, cache, False)[0])
 
     def compile_decoding(self, cuda_graphs: bool | None = None, **compile_options) -> None:
-        """torch.compile the decoding step (one new token on a KV cache) for inference, once
-        the weights are final. Every step has the same shapes (the cache is attended over its
-        whole capacity, unwritten slots masked), so it compiles once per batch and cache size,
-        on the first step. Prompts and training run eagerly.
+        """torch.compile the decoding step (one new token on a KV cache) for inference: call it
+        once the weights are final and the model is on its device. Every step has the same
+        shapes (the cache is attended over its whole capacity, unwritten slots masked, and
+        new_cache then gives every run the same capacity), so it compiles once per batch
+        size, on the first step. Prompts and training run eagerly.
 
         cuda_graphs (default: whether the model is on a CUDA device) picks the strategy:
         - False, for CPUs: the weights become constants of the compiled code (inductor's
           "freezing"), and max-autotune lets inductor pick its own C++ kernels for these
-          one-row products, pre-packed and fused with their neighbours (about 1.7x eager
-          here, benchmarks/RESULTS.md). Compiling takes seconds.
+          one-row products, pre-packed and fused with their neighbours (about 2x eager
+          here, benchmarks/RESULTS.md). Compiling takes seconds. Weights changed later are
+          not seen.
         - True, for GPUs: reduce-overhead replays the whole step as one CUDA graph, which
           removes the launch cost of its many small kernels. A graph writes into the cache
           in place, so the cache's buffers are marked as fixed addresses (one capture per
           cache), and freezing, which would fold them in as constants, stays off.
         compile_options (torch.compile's) replace the default mode.
+
+        To torch every model's step is the same function, which it traces at most 8 times in
+        a process (torch._dynamo.config.recompile_limit) before running it eagerly: a process
+        that compiles many models should call torch._dynamo.reset() between them.
         """
         if cuda_graphs is None:
             cuda_graphs = self.embed_tokens.weight.device.type == "cuda"
         if not compile_options:
             compile_options = {"mode": "reduce-overhead" if cuda_graphs else "max-autotune-no-cudagraphs",
                                "dynamic": False}
-        step = torch.compile(self.decode_step, **compile_options)
+        # The function, not the bound method: it takes the model as an argument, so a copy of
+        # this model (copy.deepcopy, quantize_int8) decodes with its own weights, not these.
+        step = torch.compile(TransformerLM.decode_step, **compile_options)
         self.compiled_decode_step = step if cuda_graphs else functools.partial(with_frozen_weights, step)
         self.static_cache_addresses = cuda_graphs
 
@@ -654,7 +679,7 @@ class TransformerLM(nn.Module):
         return attention_mask(columns, keys, window, key_valid, slopes), False
 
 
-def with_frozen_weights(compiled, *args):
+def with_frozen_weights(compiled: Callable[..., torch.Tensor], *args) -> torch.Tensor:
     """compiled(*args) with inductor's freezing on. TorchDynamo reads the flag when it traces,
     which happens inside a call (the first, or a retrace); set only around the call, it leaves
     every other torch.compile of the process as it was."""
@@ -1068,7 +1093,9 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     - a flat one: if the TOP_P_TAIL smallest hold more than 1 - p, every dropped token is
       among them, and the ascending rule applies to them as it is.
     Only when neither holds is the whole vocabulary sorted. On a GPU the sort is one fast
-    kernel, quicker than those steps (benchmarks/RESULTS.md), and is always used."""
+    kernel, quicker than those steps (benchmarks/RESULTS.md), and is always used. (Among
+    tokens tied at the boundary, the topk paths may keep another one than a sort would: the
+    same number of tokens and the same mass.)"""
     if p >= 1.0:
         return logits
     if logits.device.type == "cpu" and logits.size(-1) > 2 * TOP_P_TAIL:
@@ -1079,8 +1106,9 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
             probs = (top - log_total).exp()
             mass = probs.cumsum(dim=-1)
             if bool((mass[..., -1] >= p).all()):
-                kept = top.masked_fill(mass - probs >= p, float("-inf"))
-                return torch.full_like(logits, float("-inf")).scatter(-1, index, kept)
+                drop = mass - probs >= p
+                drop[..., 0] = False  # the most probable token always stays
+                return torch.full_like(logits, float("-inf")).scatter(-1, index, top.masked_fill(drop, float("-inf")))
         bottom, index = torch.topk(logits, TOP_P_TAIL, dim=-1, largest=False)  # ascending
         mass = (bottom - log_total).exp().cumsum(dim=-1)
         if bool((mass[..., -1] > 1.0 - p).all()):

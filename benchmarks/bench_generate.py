@@ -22,6 +22,7 @@ import argparse
 import copy
 import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -138,11 +139,14 @@ def main() -> None:
     hf_settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0)
 
     def compiled(model: TransformerLM) -> TransformerLM:
+        # Every model's decoding step is one code object to torch, which traces one at most 8
+        # times in a process; the earlier cases' compiled code is not needed any more.
+        torch._dynamo.reset()
         model = copy.deepcopy(model)
         model.compile_decoding()  # compiles on its first decoding step, in a warm-up run
         return model
 
-    def synced(fn):  # a GPU runs asynchronously: a run ends when the device is done
+    def synced(fn: Callable[[], object]) -> Callable[[], object]:  # a GPU runs asynchronously: a run ends when it is done
         return fn if on_cpu else lambda: (fn(), torch.cuda.synchronize(device))
 
     greedy = dict(do_sample=False)

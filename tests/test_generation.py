@@ -1,6 +1,7 @@
 """Decoding: greedy against a cache-free argmax loop and Hugging Face generate, filters
 against Hugging Face's warpers, beam search against brute-force enumeration."""
 
+import copy
 import itertools
 import math
 
@@ -57,17 +58,50 @@ def test_greedy_equals_an_argmax_loop_that_recomputes_everything(position_embedd
     ("sinusoidal", 4, [[9, 9, 9, 9, 9, 9, 9, 9]]),
 ])
 def test_the_compiled_decoding_step_is_traced_once_whole_and_decodes_like_eager(position_embedding, window, prompts,
-                                                                                 cuda_graphs):
+                                                                                 cuda_graphs, monkeypatch):
     from torch._dynamo.testing import CompileCounter
 
+    marked = []  # the buffers given fixed addresses
+    monkeypatch.setattr(torch._dynamo, "mark_static_address", lambda tensor, guard=False: marked.append(tensor))
+    frozen_when_traced = []
+
+    class Counter(CompileCounter):  # counts the graphs it is given and runs them as they are
+        def __call__(self, graph, example_inputs):
+            frozen_when_traced.append(torch._inductor.config.freezing)
+            return super().__call__(graph, example_inputs)
+
+    torch._dynamo.reset()  # every model's step shares one code object, and torch's limit of 8 traces of it
     model = tiny_model(position_embedding=position_embedding, window_size=window, initializer_range=0.3)
     eager = generate(model, prompts, 20, do_sample=False)
-    counter = CompileCounter()  # a backend that counts the graphs it is given and runs them as they are
+    counter = Counter()
     model.compile_decoding(cuda_graphs=cuda_graphs, backend=counter, fullgraph=True)  # a graph break would raise
+    assert generate(model, [prompts[0]] * 3, 4, do_sample=False)  # another batch size: its own trace
     assert generate(model, prompts, 20, do_sample=False) == eager
+    assert generate(model, [row[1:] for row in prompts], 30, do_sample=False)  # other lengths: the same cache size
     assert generate(model, prompts, 20, do_sample=False) == eager  # a new cache: new buffers, no retrace
-    assert counter.frame_count == 1  # 38 steps, one trace: no step-dependent integer reached the graph
-    assert not torch._inductor.config.freezing  # frozen weights only inside the compiled step's calls
+    assert counter.frame_count == 2  # one trace per batch size; no step-dependent integer reached the graph
+    assert frozen_when_traced == [not cuda_graphs] * 2 and not torch._inductor.config.freezing  # only in the calls
+    cache = model.new_cache(len(prompts), 40)
+    model(torch.tensor([prompts[0]] * len(prompts)), past_key_values=cache)
+    cache.reorder(torch.tensor([0, 0, 0]))  # beam search's reorder to another number of rows: new buffers
+    buffers = cache.keys + cache.values
+    assert all(any(buffer is m for m in marked) for buffer in buffers) == cuda_graphs
+
+
+def test_a_copy_of_a_compiled_model_decodes_with_its_own_weights():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = tiny_model(initializer_range=0.3)
+    model.compile_decoding(backend=CompileCounter())
+    copied = copy.deepcopy(model)  # as quantize_int8 does
+    with torch.no_grad():
+        for parameter in copied.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.3)
+    compiled_tokens = generate(copied, [5, 17, 42], 20, do_sample=False)
+    copied.compiled_decode_step = None
+    assert compiled_tokens == generate(copied, [5, 17, 42], 20, do_sample=False)
+    assert compiled_tokens != generate(model, [5, 17, 42], 20, do_sample=False)
 
 
 def test_zero_new_tokens_give_one_empty_list_per_prompt(model):
@@ -151,26 +185,29 @@ def test_top_p_filter_equals_hugging_face_ties_included(p):
     torch.testing.assert_close(filter_top_p(logits, p), TopPLogitsWarper(p)(None, logits.clone()))
 
 
-def test_top_p_on_a_large_vocabulary_equals_hugging_face_on_each_of_its_paths():
+def test_top_p_on_a_large_vocabulary_equals_hugging_face_on_each_of_its_paths(monkeypatch):
     from transformers import TopPLogitsWarper
 
     from transformer_model import TOP_P_NUCLEUS, TOP_P_TAIL
 
-    def path(logits, p):  # which part of filter_top_p decides (see its docstring)
-        probs = logits.softmax(-1)
-        if bool((probs.topk(TOP_P_NUCLEUS).values.sum(-1) >= p).all()):
-            return "largest"
-        smallest = probs.topk(TOP_P_TAIL, largest=False).values.sum(-1)
-        return "smallest" if bool((smallest > 1 - p).all()) else "sort"
-
+    ran = []  # which part of filter_top_p decided (see its docstring), from the k it asked topk for
+    topk, sort = torch.topk, torch.sort
+    monkeypatch.setattr(torch, "topk", lambda *a, **k: ran.append({TOP_P_NUCLEUS: "largest", TOP_P_TAIL: "smallest"}[a[1]])
+                        or topk(*a, **k))
+    monkeypatch.setattr(torch, "sort", lambda *a, **k: ran.append("sort") or sort(*a, **k))
     torch.manual_seed(0)
-    paths = set()
-    for scale in (6.0, 1.0, 0.01):  # peaked to nearly uniform
-        logits = torch.randn(4, 3 * TOP_P_TAIL) * scale
-        for p in (0.2, 0.5, 0.9, 0.99):
-            assert torch.equal(filter_top_p(logits, p), TopPLogitsWarper(p)(None, logits.clone())), (scale, p)
-            paths.add(path(logits, p))
-    assert paths == {"largest", "smallest", "sort"}
+    peaked, flat, uniform = (torch.randn(2, 3 * TOP_P_TAIL) * scale for scale in (6.0, 0.5, 0.01))
+    cases = [(peaked, 0.9, "largest"), (flat, 0.9, "smallest"), (uniform, 0.5, "sort"), (peaked, 1e-9, "largest"),
+             (torch.cat((peaked[:1], flat[:1])), 0.9, "sort"),  # a batch decides by its hardest row
+             (torch.cat((uniform[:1], flat[:1])), 0.95, "smallest")]
+    for logits, p, path in cases:
+        ran.clear()
+        ours = filter_top_p(logits, p)
+        assert ran[-1] == path, (path, p, ran)
+        assert torch.equal(ours, TopPLogitsWarper(p)(None, logits.clone())), (path, p)
+    for logits in (peaked, uniform):  # at p = 0 (generate refuses it) each path still keeps the top token
+        kept = filter_top_p(logits, 0.0).isfinite()
+        assert kept.sum().item() == len(logits) and kept.gather(1, logits.argmax(1, keepdim=True)).all()
 
 
 def test_repetition_penalty_and_no_repeat_ngrams(model):
