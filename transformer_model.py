@@ -503,11 +503,9 @@ class TransformerLM(nn.Module):
         or the context: a longer prompt is cut to fit), so that its shapes, and the compiled
         code, are the same for every prompt and length."""
         config = self.config
-        capacity = config.window_size or max_length or config.max_position_embeddings
-        if config.window_size and max_length:
-            capacity = min(capacity, max_length)
-        if self.compiled_decode_step is not None:
-            capacity = config.window_size or config.max_position_embeddings
+        capacity = config.window_size or config.max_position_embeddings  # the largest a run can need
+        if max_length and self.compiled_decode_step is None:
+            capacity = min(capacity, max_length) if config.window_size else max_length
         return KVCache(config.num_hidden_layers, batch_size, capacity, config.window_size,
                        static_addresses=self.static_cache_addresses)
 

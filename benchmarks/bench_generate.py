@@ -22,11 +22,10 @@ import argparse
 import copy
 import functools
 import warnings
-from collections.abc import Callable
 
 import torch
 
-from bench_utils import interleaved_seconds, machine_line, matmul_peak, memory_bandwidth
+from bench_utils import interleaved_seconds, machine_line, matmul_peak, memory_bandwidth, synchronized
 from transformer_model import (
     TransformerConfig,
     TransformerLM,
@@ -146,9 +145,6 @@ def main() -> None:
         model.compile_decoding()  # compiles on its first decoding step, in a warm-up run
         return model
 
-    def synced(fn: Callable[[], object]) -> Callable[[], object]:  # a GPU runs asynchronously: a run ends when it is done
-        return fn if on_cpu else lambda: (fn(), torch.cuda.synchronize(device))
-
     greedy = dict(do_sample=False)
     temperature, top_p = dict(temperature=0.8, seed=0), dict(top_p=0.9, seed=0)
     # (case, batch, our model, how ours runs, how Hugging Face runs (None: no peer))
@@ -184,8 +180,8 @@ def main() -> None:
           "| fastest ours / compute limit | HF / compute limit | fastest ours / weight-read limit |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, batch, model, run_ours, run_hf in cases:
-        runs = [synced(functools.partial(run_ours, candidate)) for candidate in (model, compiled(model))]
-        runs += [synced(run_hf)] if run_hf else []
+        runs = [synchronized(functools.partial(run_ours, candidate), device) for candidate in (model, compiled(model))]
+        runs += [synchronized(run_hf, device)] if run_hf else []
         tokens_per_second = [batch * NEW_TOKENS / s for s in interleaved_seconds(runs, args.repeats, warmup=1)]
         eager, fast = tokens_per_second[0], tokens_per_second[1]
         bf16 = "bf16" in name
@@ -201,8 +197,8 @@ def main() -> None:
             peer, peer_limit = " | | ", ""
         print(f"| {name} | {eager:,.0f} | {fast:,.0f} | {peer} | {best / compute_limit:.1%} | {peer_limit} | "
               f"{best / read_limit:.0%} |", flush=True)
-    without_cache = interleaved_seconds([synced(lambda: greedy_without_cache(ours, prompt, NEW_TOKENS))], args.repeats,
-                                        warmup=1)[0]
+    without_cache = synchronized(lambda: greedy_without_cache(ours, prompt, NEW_TOKENS), device)
+    without_cache = interleaved_seconds([without_cache], args.repeats, warmup=1)[0]
     print(f"| batch 1, greedy, no KV cache | {NEW_TOKENS / without_cache:,.0f} | | | | | | | |")
     if on_cpu:
         few_row_linear_table(config)

@@ -61,6 +61,15 @@ def interleaved_seconds(fns: list, repeats: int, warmup: int = 3, rounds: int = 
     return [statistics.median(record) for record in times]
 
 
+def synchronized(fn: Callable[[], object], device) -> Callable[[], object]:
+    """fn, made to return only when the device is done: a GPU runs its work asynchronously."""
+    import torch
+
+    if not str(device).startswith("cuda"):
+        return fn
+    return lambda: (fn(), torch.cuda.synchronize(device))
+
+
 def matmul_peak(dtype, size: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
     """FLOP/s of a large square matmul: the ceiling for model FLOPs utilisation."""
     import torch
@@ -68,12 +77,7 @@ def matmul_peak(dtype, size: int = 2048, repeats: int = 10, device: str = "cpu")
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
 
-    def multiply():
-        a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    return 2 * size**3 / median_seconds(multiply, repeats, warmup=3)
+    return 2 * size**3 / median_seconds(synchronized(lambda: a @ b, device), repeats, warmup=3)
 
 
 def memory_bandwidth(megabytes: int = 512, repeats: int = 5, device: str = "cpu") -> float:
@@ -82,10 +86,4 @@ def memory_bandwidth(megabytes: int = 512, repeats: int = 5, device: str = "cpu"
     import torch
 
     x = torch.ones(megabytes * 2**20 // 4, device=device)
-
-    def read():
-        x.sum()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    return x.numel() * 4 / median_seconds(read, repeats, warmup=1)
+    return x.numel() * 4 / median_seconds(synchronized(x.sum, device), repeats, warmup=1)

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 
 import torch
 
-from bench_utils import REPO
+from bench_utils import REPO, median_seconds, synchronized
 from transformer_model import TransformerConfig, TransformerLM, beam_search, generate, load_checkpoint
 
 
@@ -29,10 +28,6 @@ def main() -> None:
     device = torch.device(parser.parse_args().device)
     on_cuda = device.type == "cuda"
     print(torch.__version__, torch.cuda.get_device_name(device) if on_cuda else device, flush=True)
-
-    def synchronize():
-        if on_cuda:
-            torch.cuda.synchronize(device)
 
     torch.manual_seed(0)
     config = TransformerConfig(position_embedding="learned", window_size=None, activation="gelu_tanh")
@@ -48,14 +43,8 @@ def main() -> None:
     same = sum(a == b for a, b in zip(first[0], reference[0], strict=True))
     print("compiled greedy equal to eager:", first == reference, second == first, f"{same}/256 tokens", flush=True)
     for name, model in (("eager", eager), ("compiled", compiled)):
-        times = []
-        for _ in range(3):
-            synchronize()
-            start = time.time()
-            generate(model, prompt, 256, do_sample=False)
-            synchronize()
-            times.append(time.time() - start)
-        print(f"{name}: {256 / statistics.median(times):.0f} tokens/s", flush=True)
+        seconds = median_seconds(synchronized(lambda m=model: generate(m, prompt, 256, do_sample=False), device), 3)
+        print(f"{name}: {256 / seconds:.0f} tokens/s", flush=True)
 
     base, tokenizer, _ = load_checkpoint(REPO / "pretrained" / "tinystories_base.pth", device=str(device))
     ids = tokenizer.encode("Once upon a time")
