@@ -15,6 +15,22 @@ Three ideas make the whole tokenizer:
 
 Special tokens (``<|endoftext|>``, the chat roles) are cut out of the text before step 2:
 they map straight to their own id and never take part in merges.
+
+The file, top to bottom:
+
+- constants: GPT-2's split pattern, the special tokens, the file format, size limits;
+- helpers: GPT-2's byte <-> printable character map (bytes_to_unicode, bytes_to_text,
+  text_to_bytes), merge_pair (one merge applied to a list of ids), the special-token regex
+  and the cache of encoded pre-tokens;
+- reading files (writes go through common.write_atomically), and worker processes for
+  parallel counting and encoding;
+- training, the functions BPETokenizer.train calls: count_pre_tokens (the one pass over
+  the text), then two trainers side by side that learn the same merges:
+  learn_merges_simple, the plain one that recounts every pair at every step (read it
+  first), and learn_merges, the incremental one that train uses, with its helpers;
+- BPETokenizer: basic facts, encoding (encode, encode_batch, encode_iterable), the chat
+  template, decoding, train, and persistence (its own JSON file). GPT-2's files and Hugging
+  Face's tokenizer.json are read and written by gpt2_interop.py.
 """
 
 from __future__ import annotations
@@ -29,9 +45,12 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache, partial
 from itertools import chain, islice, pairwise
+from pathlib import Path
 
 import regex
 from tqdm.auto import tqdm
+
+from common import write_atomically
 
 # GPT-2's pre-tokenizer: English contractions, letters with an optional leading space,
 # digits with an optional leading space, other symbols with an optional leading space,
@@ -138,6 +157,262 @@ class _ChunkCache(dict):
         ids = self[chunk] = tuple(self.encode_chunk(chunk))
         return ids
 
+
+# ------------------------------------------------------------------- reading files
+
+def read_text_file(path: str | os.PathLike) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise TokenizerFileError(f"{path}: no such file") from None
+    except (IsADirectoryError, UnicodeDecodeError) as err:
+        raise TokenizerFileError(f"{path}: not a readable text file ({err})") from None
+
+
+# ---------------------------------------------------------------- worker processes
+
+_worker_tokenizer: BPETokenizer | None = None
+
+
+def _init_worker(tokenizer: BPETokenizer | None) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _encode_in_worker(text: str, allowed_special: str | Iterable[str]) -> list[int]:
+    return _worker_tokenizer.encode(text, allowed_special)
+
+
+def _pool(workers: int, tokenizer: BPETokenizer | None = None) -> multiprocessing.pool.Pool:
+    """A process pool; each worker receives the tokenizer once, not with every task."""
+    return multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
+
+
+# ------------------------------------------------------------------------ training
+
+def _progress(iterable, show: bool | None, **kwargs) -> tqdm:
+    """A tqdm bar: always (True), never (False), or once it has run a second (None)."""
+    return tqdm(iterable, disable=show is False, delay=1.0 if show is None else 0.0, **kwargs)
+
+
+def _batches(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
+    """Group texts into lists of about max_chars characters."""
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _count_batch(texts: list[str], pattern: str, special_tokens: Sequence[str]) -> Counter:
+    """Pre-token counts of some texts, with special-token text cut out first."""
+    findall = regex.compile(pattern).findall
+    special_regex = _special_regex(frozenset(special_tokens), capture=False)
+    counts: Counter = Counter()
+    for text in texts:
+        for part in special_regex.split(text) if special_regex else (text,):
+            counts.update(findall(part))
+    return counts
+
+
+def count_pre_tokens(
+    texts: Iterable[str],
+    pattern: str = GPT2_SPLIT_PATTERN,
+    special_tokens: Sequence[str] = (),
+    num_workers: int | None = None,
+    show_progress: bool | None = None,
+) -> Counter:
+    """How often each pre-token occurs in the corpus: the only pass over the raw text.
+
+    Batches of PARALLEL_MIN_CHARS / 4 characters; when there is more than one batch they
+    are counted on num_workers processes (default: all cores) and the counts summed."""
+    count = partial(_count_batch, pattern=pattern, special_tokens=list(special_tokens))
+    batches = _batches(texts, PARALLEL_MIN_CHARS // 4)
+    first = list(islice(batches, 2))
+    workers = num_workers or os.cpu_count() or 1
+    counts = Counter()
+    with contextlib.ExitStack() as stack:
+        if len(first) < 2 or workers == 1:
+            results = map(count, chain(first, batches))
+        else:
+            results = stack.enter_context(_pool(workers)).imap_unordered(count, chain(first, batches))
+        for batch_counts in _progress(results, show_progress, desc="counting pre-tokens", unit=" batches"):
+            counts.update(batch_counts)
+    return counts
+
+
+def learn_merges_simple(word_counts: dict[str, int], num_new_tokens: int) -> list[tuple[bytes, bytes]]:
+    """The plain BPE trainer: recount every pair of every word at every step.
+
+    Takes the same inputs as learn_merges (pre-token counts, the number of new tokens to
+    make) and gives exactly the same merges, ties included; it is just slower, because each
+    step rereads the whole corpus. Read this one first: learn_merges below is the same
+    algorithm with the counting made incremental.
+
+    A worked example on one pre-token, "aaabdaaabac"; each line is the word before a step,
+    then the pair that step merges and how often it occurs:
+
+        a a a b d a a a b a c     (a, a) 4 times: the most frequent pair
+        aa a b d aa a b a c       (aa, a) 2 and (a, b) 2 tie; b"aa" > b"a", so (aa, a)
+        aaa b d aaa b a c         (aaa, b) 2
+        aaab d aaab a c           four pairs tie at 1; b"d" is the greatest left part
+
+    >>> learn_merges_simple({"aaabdaaabac": 1}, 4)
+    [(b'a', b'a'), (b'aa', b'a'), (b'aaa', b'b'), (b'd', b'aaab')]
+    """
+    # Every word starts as its UTF-8 bytes; token ids 0..255 are those bytes.
+    words = [list(word.encode("utf-8")) for word in word_counts]
+    freqs = list(word_counts.values())
+    token_bytes = [bytes([b]) for b in range(256)]  # token id -> the bytes it stands for
+    token_ids = {token: i for i, token in enumerate(token_bytes)}  # and back
+    merges: list[tuple[bytes, bytes]] = []
+    while len(token_bytes) - 256 < num_new_tokens:
+        # 1. Count every adjacent pair; a word that occurs freq times counts freq times.
+        pair_counts: Counter = Counter()
+        for word, freq in zip(words, freqs, strict=True):
+            for pair in pairwise(word):
+                pair_counts[pair] += freq
+        if not pair_counts:
+            break  # every word is a single token: nothing is left to merge
+        # 2. The most frequent pair. Ties go to the greatest (left bytes, right bytes), so
+        #    the result never depends on dict order.
+        a, b = max(pair_counts, key=lambda p: (pair_counts[p], token_bytes[p[0]], token_bytes[p[1]]))
+        merges.append((token_bytes[a], token_bytes[b]))
+        # 3. Its bytes become a new token, unless another pair made them already
+        #    ("ab" + "c" after "a" + "bc"): then the merge reuses that token.
+        new_token = token_bytes[a] + token_bytes[b]
+        if new_token not in token_ids:
+            token_ids[new_token] = len(token_bytes)
+            token_bytes.append(new_token)
+        # 4. Replace the pair by the new token in every word.
+        words = [merge_pair(word, a, b, token_ids[new_token]) for word in words]
+    return merges
+
+
+# The fast trainer. It makes the same merges as learn_merges_simple, but a step costs
+# only as much as the words that hold the merged pair, not the whole corpus.
+
+Pair = tuple[int, int]
+
+
+def _descending_key(token: bytes) -> tuple[int, ...]:
+    """A key whose ascending order is the descending order of byte strings: each byte b
+    becomes 255 - b and a final 256 ranks a string after everything it is a prefix of."""
+    return (*(255 - b for b in token), 256)
+
+
+def _count_pairs(words: list[list[int]], freqs: list[int]) -> tuple[dict[Pair, int], dict[Pair, set[int]]]:
+    """The one full count: how often each adjacent pair occurs (weighted by word
+    frequency), and the indices of the words that hold it."""
+    pair_counts: dict[Pair, int] = defaultdict(int)
+    pair_words: dict[Pair, set[int]] = defaultdict(set)
+    for index, (word, freq) in enumerate(zip(words, freqs, strict=True)):
+        for pair in pairwise(word):
+            pair_counts[pair] += freq
+            pair_words[pair].add(index)
+    return pair_counts, pair_words
+
+
+def _merge_in_words(
+    pair: Pair, new_id: int, words: list[list[int]], freqs: list[int], pair_words: dict[Pair, set[int]]
+) -> dict[Pair, int]:
+    """Merge pair into new_id in the words that hold it (changing words in place), note
+    where the new token's pairs are, and return the net change of every pair count."""
+    delta: dict[Pair, int] = defaultdict(int)
+    for index in pair_words.pop(pair):
+        word = words[index]
+        merged = merge_pair(word, pair[0], pair[1], new_id)
+        if len(merged) == len(word):
+            continue  # the pair left this word in an earlier merge; the index is out of date
+        words[index] = merged
+        freq = freqs[index]
+        # Take away all of the word's old pairs and add all of its new ones: the pairs
+        # untouched by the merge cancel out, which is simpler than editing neighbours.
+        for old in pairwise(word):
+            delta[old] -= freq
+        for new in pairwise(merged):
+            delta[new] += freq
+            if new_id in new:
+                pair_words[new].add(index)
+    return delta
+
+
+def _update_pair_counts(
+    delta: dict[Pair, int], pair_counts: dict[Pair, int], heap: list, sort_key: list[tuple[int, ...]]
+) -> None:
+    """Apply the changes to pair_counts. A pair whose count changed is pushed on the heap
+    again with its new count; its older entry stays there, stale, until it is popped."""
+    for pair, change in delta.items():
+        if not change:
+            continue
+        count = pair_counts[pair] + change
+        if count:
+            pair_counts[pair] = count
+            heapq.heappush(heap, (-count, sort_key[pair[0]], sort_key[pair[1]], *pair))
+        else:
+            del pair_counts[pair]  # the pair is gone from the corpus
+
+
+def learn_merges(
+    word_counts: dict[str, int], num_new_tokens: int, show_progress: bool | None = False
+) -> list[tuple[bytes, bytes]]:
+    """Learn merges from pre-token counts until they have made num_new_tokens new tokens
+    (or no adjacent pair is left): learn_merges_simple, made fast.
+
+    Each step takes the most frequent adjacent pair (ties: the greatest (left bytes,
+    right bytes)) and merges it everywhere. A merge whose result is already a token, made
+    from another pair ("a"+"bc" after "ab"+"c"), reuses that token, so in rare cases there
+    are more merges than new tokens. Two structures keep a step cheap:
+    - pair_counts, updated only for the words that contain the merged pair, instead of a
+      recount over the whole corpus;
+    - a heap of (-count, pair) with lazy deletion: a pair whose count changes is pushed
+      again, and a popped entry whose count is out of date is skipped.
+    pair_words[p] lists the words that contain (or once contained) pair p; a word that no
+    longer has it is skipped when p is merged.
+    """
+    # Every word starts as its UTF-8 bytes; token ids 0..255 are those bytes.
+    words = [list(word.encode("utf-8")) for word in word_counts]
+    freqs = list(word_counts.values())
+    token_bytes = [bytes([b]) for b in range(256)]
+    token_ids = {token: i for i, token in enumerate(token_bytes)}
+    # The heap pops the smallest entry; sort_key makes the greatest pair of bytes the smallest.
+    sort_key = [_descending_key(t) for t in token_bytes]
+
+    # Count all pairs once, and put them all on the heap, most frequent first.
+    pair_counts, pair_words = _count_pairs(words, freqs)
+    heap = [(-count, sort_key[a], sort_key[b], a, b) for (a, b), count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges: list[tuple[bytes, bytes]] = []
+    bar = _progress(None, show_progress, total=num_new_tokens, desc="merging")
+    while len(token_bytes) - 256 < num_new_tokens and heap:
+        # 1. The most frequent pair: the top of the heap, once stale entries are skipped.
+        neg_count, _, _, a, b = heapq.heappop(heap)
+        if pair_counts.get((a, b)) != -neg_count:
+            continue  # stale entry: the pair's count changed since it was pushed
+        merges.append((token_bytes[a], token_bytes[b]))
+        # 2. Its bytes become a new token, unless another pair made them already.
+        new_token = token_bytes[a] + token_bytes[b]
+        new_id = token_ids.get(new_token)
+        if new_id is None:
+            new_id = token_ids[new_token] = len(token_bytes)
+            token_bytes.append(new_token)
+            sort_key.append(_descending_key(new_token))
+            bar.update()
+        # 3. Merge it in the words that hold it, and correct the counts of the pairs it touched.
+        delta = _merge_in_words((a, b), new_id, words, freqs, pair_words)
+        _update_pair_counts(delta, pair_counts, heap, sort_key)
+    bar.close()
+    return merges
+
+
+# ------------------------------------------------------------------- the tokenizer
 
 class BPETokenizer:
     """A byte-level BPE tokenizer: a vocabulary, ordered merges and special tokens.
@@ -482,12 +757,13 @@ class BPETokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as one human-readable JSON file (atomically)."""
-        _write_atomically(path, self.to_json())
+        text = self.to_json()
+        write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BPETokenizer:
         """Read a file written by save(); a missing or damaged file raises TokenizerFileError."""
-        return cls.from_json(_read_text(path), source=str(path))
+        return cls.from_json(read_text_file(path), source=str(path))
 
     def __getstate__(self) -> dict:
         # Pickled only to hand the tokenizer to worker processes; the cache stays behind.
@@ -495,242 +771,3 @@ class BPETokenizer:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
-
-    @classmethod
-    def from_gpt2_files(
-        cls, vocab_json: str | os.PathLike, merges_txt: str | os.PathLike, special_tokens: list[str] | None = None
-    ) -> BPETokenizer:
-        """Read GPT-2's vocab.json and merges.txt. special_tokens None means GPT-2's own
-        <|endoftext|> (id 50256); any others are appended after it."""
-        vocab_text, merges_text = _read_text(vocab_json), _read_text(merges_txt)
-        try:
-            vocab = {int(i): text_to_bytes(token) for token, i in json.loads(vocab_text).items()}
-            merges = []
-            for line in merges_text.splitlines():
-                if line.startswith("#version") or not line.strip():
-                    continue
-                a, b = line.split(" ")
-                merges.append((text_to_bytes(a), text_to_bytes(b)))
-        except (json.JSONDecodeError, AttributeError, ValueError) as err:
-            raise TokenizerFileError(f"{vocab_json} / {merges_txt}: not GPT-2 tokenizer files: {err}") from None
-        if special_tokens is None:
-            special_tokens = [ENDOFTEXT] if ENDOFTEXT.encode() in vocab.values() else []
-        return cls(vocab, merges, special_tokens)
-
-    def save_hf(self, path: str | os.PathLike) -> None:
-        """Write a Hugging Face tokenizer.json that tokenizers.Tokenizer.from_file loads and
-        that encodes exactly like this tokenizer: our regex as a Split pre-tokenizer, then
-        the byte-to-character map, then BPE with our vocabulary and merges."""
-        special_ids = set(self.special_tokens.values())
-        data = {
-            "version": "1.0",
-            "truncation": None,
-            "padding": None,
-            "added_tokens": [
-                {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
-                for s, i in self.special_tokens.items()
-            ],
-            "normalizer": None,
-            "pre_tokenizer": {
-                "type": "Sequence",
-                "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
-                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-                ],
-            },
-            "post_processor": None,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-            "model": {
-                "type": "BPE",
-                "dropout": None,
-                "unk_token": None,
-                "continuing_subword_prefix": None,
-                "end_of_word_suffix": None,
-                "fuse_unk": False,
-                "byte_fallback": False,
-                "ignore_merges": False,
-                "vocab": {bytes_to_text(t): i for i, t in self.vocab.items() if i not in special_ids}
-                | {s: i for s, i in self.special_tokens.items()},
-                "merges": [[bytes_to_text(a), bytes_to_text(b)] for a, b in self.merges],
-            },
-        }
-        _write_atomically(path, json.dumps(data, ensure_ascii=False))
-
-
-# ------------------------------------------------------------------------ training
-
-def _progress(iterable, show: bool | None, **kwargs) -> tqdm:
-    """A tqdm bar: always (True), never (False), or once it has run a second (None)."""
-    return tqdm(iterable, disable=show is False, delay=1.0 if show is None else 0.0, **kwargs)
-
-
-def _batches(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
-    """Group texts into lists of about max_chars characters."""
-    batch: list[str] = []
-    size = 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
-        if size >= max_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def _count_batch(texts: list[str], pattern: str, special_tokens: Sequence[str]) -> Counter:
-    """Pre-token counts of some texts, with special-token text cut out first."""
-    findall = regex.compile(pattern).findall
-    special_regex = _special_regex(frozenset(special_tokens), capture=False)
-    counts: Counter = Counter()
-    for text in texts:
-        for part in special_regex.split(text) if special_regex else (text,):
-            counts.update(findall(part))
-    return counts
-
-
-def count_pre_tokens(
-    texts: Iterable[str],
-    pattern: str = GPT2_SPLIT_PATTERN,
-    special_tokens: Sequence[str] = (),
-    num_workers: int | None = None,
-    show_progress: bool | None = None,
-) -> Counter:
-    """How often each pre-token occurs in the corpus: the only pass over the raw text.
-
-    Batches of PARALLEL_MIN_CHARS / 4 characters; when there is more than one batch they
-    are counted on num_workers processes (default: all cores) and the counts summed."""
-    count = partial(_count_batch, pattern=pattern, special_tokens=list(special_tokens))
-    batches = _batches(texts, PARALLEL_MIN_CHARS // 4)
-    first = list(islice(batches, 2))
-    workers = num_workers or os.cpu_count() or 1
-    counts = Counter()
-    with contextlib.ExitStack() as stack:
-        if len(first) < 2 or workers == 1:
-            results = map(count, chain(first, batches))
-        else:
-            results = stack.enter_context(_pool(workers)).imap_unordered(count, chain(first, batches))
-        for batch_counts in _progress(results, show_progress, desc="counting pre-tokens", unit=" batches"):
-            counts.update(batch_counts)
-    return counts
-
-
-def _descending_key(token: bytes) -> tuple[int, ...]:
-    """A key whose ascending order is the descending order of byte strings: each byte b
-    becomes 255 - b and a final 256 ranks a string after everything it is a prefix of."""
-    return (*(255 - b for b in token), 256)
-
-
-def learn_merges(
-    word_counts: dict[str, int], num_new_tokens: int, show_progress: bool | None = False
-) -> list[tuple[bytes, bytes]]:
-    """Learn merges from pre-token counts until they have made num_new_tokens new tokens
-    (or no adjacent pair is left).
-
-    Each step takes the most frequent adjacent pair (ties: the greatest (left bytes,
-    right bytes)) and merges it everywhere. A merge whose result is already a token, made
-    from another pair ("a"+"bc" after "ab"+"c"), reuses that token, so in rare cases there
-    are more merges than new tokens. Two structures keep a step cheap:
-    - pair_counts, updated only for the words that contain the merged pair, instead of a
-      recount over the whole corpus;
-    - a heap of (-count, pair) with lazy deletion: a pair whose count changes is pushed
-      again, and a popped entry whose count is out of date is skipped.
-    pair_words[p] lists the words that contain (or once contained) pair p; a word that no
-    longer has it is skipped when p is merged.
-    """
-    words = [list(word.encode("utf-8")) for word in word_counts]
-    freqs = list(word_counts.values())
-    token_bytes = [bytes([b]) for b in range(256)]
-    token_ids = {token: i for i, token in enumerate(token_bytes)}
-    sort_key = [_descending_key(t) for t in token_bytes]
-
-    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
-    pair_words: dict[tuple[int, int], set[int]] = defaultdict(set)
-    for index, (word, freq) in enumerate(zip(words, freqs, strict=False)):
-        for pair in pairwise(word):
-            pair_counts[pair] += freq
-            pair_words[pair].add(index)
-    heap = [(-count, sort_key[a], sort_key[b], a, b) for (a, b), count in pair_counts.items()]
-    heapq.heapify(heap)
-
-    merges: list[tuple[bytes, bytes]] = []
-    bar = _progress(None, show_progress, total=num_new_tokens, desc="merging")
-    while len(token_bytes) - 256 < num_new_tokens and heap:
-        neg_count, _, _, a, b = heapq.heappop(heap)
-        if pair_counts.get((a, b)) != -neg_count:
-            continue  # stale entry: the pair's count changed since it was pushed
-        merges.append((token_bytes[a], token_bytes[b]))
-        new_token = token_bytes[a] + token_bytes[b]
-        new_id = token_ids.get(new_token)
-        if new_id is None:
-            new_id = token_ids[new_token] = len(token_bytes)
-            token_bytes.append(new_token)
-            sort_key.append(_descending_key(new_token))
-            bar.update()
-
-        # Net change of every pair count touched by this merge, weighted by word frequency.
-        delta: dict[tuple[int, int], int] = defaultdict(int)
-        for index in pair_words.pop((a, b)):
-            word = words[index]
-            merged = merge_pair(word, a, b, new_id)
-            if len(merged) == len(word):
-                continue  # the pair left this word in an earlier merge
-            words[index] = merged
-            freq = freqs[index]
-            for pair in pairwise(word):
-                delta[pair] -= freq
-            for pair in pairwise(merged):
-                delta[pair] += freq
-                if new_id in pair:
-                    pair_words[pair].add(index)
-        for pair, change in delta.items():
-            if change:
-                count = pair_counts[pair] + change
-                if count:
-                    pair_counts[pair] = count
-                    heapq.heappush(heap, (-count, sort_key[pair[0]], sort_key[pair[1]], *pair))
-                else:
-                    del pair_counts[pair]
-    bar.close()
-    return merges
-
-
-# ---------------------------------------------------------------- worker processes
-
-_worker_tokenizer: BPETokenizer | None = None
-
-
-def _init_worker(tokenizer: BPETokenizer | None) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = tokenizer
-
-
-def _encode_in_worker(text: str, allowed_special: str | Iterable[str]) -> list[int]:
-    return _worker_tokenizer.encode(text, allowed_special)
-
-
-def _pool(workers: int, tokenizer: BPETokenizer | None = None) -> multiprocessing.pool.Pool:
-    """A process pool; each worker receives the tokenizer once, not with every task."""
-    return multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
-
-
-# ------------------------------------------------------------------------ file I/O
-
-def _read_text(path: str | os.PathLike) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise TokenizerFileError(f"{path}: no such file") from None
-    except (IsADirectoryError, UnicodeDecodeError) as err:
-        raise TokenizerFileError(f"{path}: not a readable text file ({err})") from None
-
-
-def _write_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write to a temporary file beside path, then rename it over path: a crash leaves
-    either the old file or the new one, never half of one."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -15,12 +15,17 @@ import argparse
 import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from tinystories_data import fit_conversation, run_script
-from transformer_model import check_sampling, load_checkpoint, stream
+from bpe_tokenizer import ENDOFTEXT, BPETokenizer
+from common import run_script
+from decoding import LanguageModel, check_sampling, stream
+from speedups import filter_top_p_fast, use_few_row_linear
+from tinystories_data import fit_conversation
+from transformer_model import TransformerConfig, load_checkpoint
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "pretrained" / "tinystories_chat.pth")
 HELP = """commands:
@@ -49,16 +54,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_settings(settings: dict, config: TransformerConfig) -> None:
+    """Raise ValueError for a setting the model cannot sample with, before a reply needs it.
+    A reply may outrun the context only where the cache slides (a window, no learned table)."""
+    check_sampling(settings["temperature"], settings["top_k"], settings["top_p"], settings["repetition_penalty"])
+    slides = bool(config.window_size) and config.position_embedding != "learned"
+    limit = None if slides else config.max_position_embeddings - 1
+    if settings["max_new_tokens"] < 1 or (limit and settings["max_new_tokens"] > limit):
+        raise ValueError(f"max_new_tokens must be from 1 to {limit or 'any length'}, not {settings['max_new_tokens']}")
+
+
 class ChatSession:
     """A conversation with the model: the history, the sampling settings, and the rule that
     keeps the prompt inside the context (oldest turns go first, the system prompt stays)."""
 
-    def __init__(self, model, tokenizer, settings: dict, system: str | None = None):
+    def __init__(self, model: LanguageModel, tokenizer: BPETokenizer, settings: dict, system: str | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.settings = dict(settings)
         self.system = system
         self.messages: list[dict] = []
-        self.generator = torch.Generator(model.embed_tokens.weight.device)
+        self.generator = torch.Generator(next(model.parameters()).device)
         self.reseed()
 
     def reseed(self) -> None:
@@ -82,19 +97,19 @@ class ChatSession:
         ids = self.tokenizer.apply_chat_template(kept, add_generation_prompt=True)
         return ids[-room:], dropped
 
-    def reply(self, text: str):
+    def reply(self, text: str) -> Iterator[str]:
         """Stream the reply to a user message; the (possibly interrupted) reply joins the
         history when the stream ends."""
         self.messages.append({"role": "user", "content": text})
         ids, dropped = self.prompt_ids()
         if dropped:
             yield f"[{dropped} oldest messages dropped to fit the context] "
-        eos = self.tokenizer.special_tokens["<|endoftext|>"]
+        eos = self.tokenizer.special_tokens[ENDOFTEXT]
         pieces: list[str] = []
         knobs = {k: v for k, v in self.settings.items() if k not in ("seed", "max_new_tokens")}
         try:
             for piece in stream(self.model, self.tokenizer, ids, self.settings["max_new_tokens"], eos_token_id=eos,
-                                generator=self.generator, **knobs):
+                                generator=self.generator, top_p_filter=filter_top_p_fast, **knobs):
                 pieces.append(piece)
                 yield piece
         finally:
@@ -142,16 +157,6 @@ class ChatSession:
         return f"unknown command /{name}; /help lists them"
 
 
-def check_settings(settings: dict, config) -> None:
-    """Raise ValueError for a setting the model cannot sample with, before a reply needs it.
-    A reply may outrun the context only where the cache slides (a window, no learned table)."""
-    check_sampling(settings["temperature"], settings["top_k"], settings["top_p"], settings["repetition_penalty"])
-    slides = bool(config.window_size) and config.position_embedding != "learned"
-    limit = None if slides else config.max_position_embeddings - 1
-    if settings["max_new_tokens"] < 1 or (limit and settings["max_new_tokens"] > limit):
-        raise ValueError(f"max_new_tokens must be from 1 to {limit or 'any length'}, not {settings['max_new_tokens']}")
-
-
 def clean(line: str) -> str:
     """Drop control characters (a stray escape or NUL from a paste); keep tabs and all text."""
     return "".join(c for c in line if c == "\t" or c.isprintable()).strip()
@@ -163,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"{DEFAULT_MODEL} is not here: fine-tune one (train_tinystories_chat_model.py) and pass "
                          "--model_path tinystories_chat_model/final_model.pth")
     model, tokenizer, _ = load_checkpoint(args.model_path, device=args.device)
+    use_few_row_linear(model)  # a speed path (speedups.py): the same tokens, faster
     if "<assistant>" not in tokenizer.special_tokens:
         raise ValueError(f"{args.model_path}: not a chat model (its tokenizer has no <assistant> token)")
     settings = {name: getattr(args, name) for name in SETTINGS}

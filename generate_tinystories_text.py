@@ -15,12 +15,16 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from tinystories_data import run_script
-from transformer_model import beam_search, generate, load_checkpoint, quantize_int8, stream
+from bpe_tokenizer import ENDOFTEXT
+from common import run_script
+from decoding import beam_search, generate, stream
+from speedups import compile_decoding, filter_top_p_fast, quantize_int8, use_few_row_linear
+from transformer_model import load_checkpoint
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "pretrained" / "tinystories_base.pth")
 
@@ -73,20 +77,43 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return ["Once upon a time"]
 
 
+def print_stream(pieces: Iterator[str]) -> int:
+    """Print text pieces as they arrive; returns how many tokens the stream made."""
+    while True:
+        try:
+            print(next(pieces), end="", flush=True)
+        except StopIteration as finished:
+            print()
+            return len(finished.value)
+
+
+def print_story(prompt: str, body: str, index: int | None, note: str = "", end: str = "\n") -> None:
+    if index is not None:
+        print(f"--- {'beam' if note else 'sample'} {index + 1}{f' ({note})' if note else ''}")
+    print(prompt + body, end=end, flush=True)
+
+
+def report(args: argparse.Namespace, prompt_ids: list[int], new_tokens: int, seconds: float, compiling: bool) -> None:
+    if args.show_stats:
+        print(f"[{len(prompt_ids)} prompt tokens, {new_tokens} new tokens, {new_tokens / seconds:.1f} tokens/s"
+              f"{', compiling included' if compiling else ''}]", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not os.path.exists(args.model_path) and args.model_path == DEFAULT_MODEL:
         raise ValueError(f"{args.model_path} is not here: train a model (train_tinystories_model.py) and pass "
                          "--model_path tinystories_model/best_model.pth")
     model, tokenizer, _ = load_checkpoint(args.model_path, device=args.device)
-    if args.quantize:
-        model = quantize_int8(model)
+    # The speed paths (speedups.py): the same tokens, faster.
+    model = quantize_int8(model) if args.quantize else use_few_row_linear(model)
     if args.compile:
-        model.compile_decoding()
-    eos = tokenizer.special_tokens.get("<|endoftext|>")
+        model = compile_decoding(model)
+    eos = tokenizer.special_tokens.get(ENDOFTEXT)
     settings = dict(eos_token_id=eos, bos_token_id=eos)
     sampling = dict(settings, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
+                    repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                    top_p_filter=filter_top_p_fast)
     streaming = sys.stdout.isatty() if args.stream is None else args.stream
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -116,28 +143,6 @@ def main(argv: list[str] | None = None) -> None:
                 new_tokens = len(tokens)
             report(args, prompt_ids, new_tokens, time.perf_counter() - start, compiling)
             compiling = False
-
-
-def print_stream(pieces) -> int:
-    """Print text pieces as they arrive; returns how many tokens the stream made."""
-    while True:
-        try:
-            print(next(pieces), end="", flush=True)
-        except StopIteration as finished:
-            print()
-            return len(finished.value)
-
-
-def print_story(prompt: str, body: str, index: int | None, note: str = "", end: str = "\n") -> None:
-    if index is not None:
-        print(f"--- {'beam' if note else 'sample'} {index + 1}{f' ({note})' if note else ''}")
-    print(prompt + body, end=end, flush=True)
-
-
-def report(args: argparse.Namespace, prompt_ids: list[int], new_tokens: int, seconds: float, compiling: bool) -> None:
-    if args.show_stats:
-        print(f"[{len(prompt_ids)} prompt tokens, {new_tokens} new tokens, {new_tokens / seconds:.1f} tokens/s"
-              f"{', compiling included' if compiling else ''}]", file=sys.stderr)
 
 
 if __name__ == "__main__":

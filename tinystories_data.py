@@ -1,6 +1,18 @@
-"""The one place that loads story data, for every script and notebook.
+"""The one place that loads data, for every script and notebook: stories, the token streams
+pretraining reads, and conversations for chat fine-tuning.
 
-load_stories(dataset, split, text_column, sample, seed) -> list[str]
+The file, top to bottom:
+- readers: read_story_file (.txt), local files and folders, the Hugging Face hub;
+- load_split and load_stories(dataset, split, text_column, sample, seed) -> list[str];
+- hold_out: a seeded random held-out share (validation, or text a tokenizer has not seen);
+  validation_stories: a quick validation set for the notebooks;
+- token streams: encode_stories turns stories into one token stream, cached_tokens keeps it on
+  disk so it is encoded once, TokenWindows cuts it into (inputs, targets) windows;
+- pretraining data: load_train_and_validation and prepare_pretraining_data (both sets of
+  windows, cached);
+- conversations: load_conversations (a "messages" column, or TinyStoriesInstruct text),
+  conversations_from_stories, fit_conversation, and ChatExamples (rows whose loss is the
+  assistant's alone).
 
 `dataset` is a Hugging Face hub id (default roneneldan/TinyStories) or a local path:
 - a .txt file of stories separated by <|endoftext|> (TinyStories' own release format);
@@ -13,9 +25,6 @@ load_stories(dataset, split, text_column, sample, seed) -> list[str]
 A single file is one split, "train".
 
 Everything goes through `datasets`, so one seeded sample serves every source.
-
-For training: encode_stories turns stories into one token stream, cached_tokens keeps it on
-disk so it is encoded once, and TokenWindows cuts it into (inputs, targets) windows.
 """
 
 from __future__ import annotations
@@ -26,10 +35,10 @@ import json
 import os
 import random
 import socket
-import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import datasets
@@ -38,11 +47,12 @@ import regex
 import torch
 from tqdm.auto import tqdm
 
-from bpe_tokenizer import CHAT_ROLES, BPETokenizer
+from bpe_tokenizer import CHAT_ROLES, ENDOFTEXT, BPETokenizer
+from common import write_atomically
 
 DEFAULT_DATASET = "roneneldan/TinyStories"
-STORY_SEPARATOR = "<|endoftext|>"
 LOCAL_EXAMPLE = "../shared/data/tinystories_train.txt"
+T = TypeVar("T")
 
 # File extension -> datasets builder; .txt files are read here (see read_story_file).
 DATA_FILE_BUILDERS = {".txt": None, ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -62,50 +72,12 @@ class SplitNotFoundError(DataError):
     """The data set exists but has no such split (callers may fall back to a held-out share)."""
 
 
-def load_stories(
-    dataset: str = DEFAULT_DATASET, split: str = "train", text_column: str = "text", sample: int = 0, seed: int = 0
-) -> list[str]:
-    """The stories of one split, stripped of surrounding whitespace, empty ones dropped.
-
-    sample > 0 returns that many stories drawn at random (seeded; the same seed gives the
-    same stories); 0 returns all of them, in order.
-    """
-    table = load_split(dataset, split)
-    if text_column not in table.column_names:
-        raise DataError(f"{dataset}: no column {text_column!r} (columns: {table.column_names}); pass --text_column")
-    if sample and sample < len(table):
-        table = table.shuffle(seed=seed).select(range(sample))
-    stories = [text.strip() for text in table[text_column] if isinstance(text, str) and text.strip()]
-    if not stories:
-        raise DataError(f"{dataset}: no stories in split {split!r}, column {text_column!r} (all empty)")
-    return stories
-
-
-def validation_stories(dataset: str = DEFAULT_DATASET, held_out: int = 200) -> list[str]:
-    """The validation split's stories, or, for data with no such split, the last held_out
-    training stories (a quick look for the notebooks; training holds out a seeded share)."""
-    try:
-        return load_stories(dataset, "validation")
-    except SplitNotFoundError:
-        return load_stories(dataset)[-held_out:]
-
-
-def load_split(dataset: str, split: str = "train") -> datasets.Dataset:
-    """One split of a hub data set or of a local path, as a datasets.Dataset."""
-    path = Path(dataset).expanduser()
-    if path.exists():
-        return _load_local(path, split)
-    if _looks_like_path(dataset):
-        raise DataError(f"{dataset}: no such file or folder")
-    return _load_from_hub(dataset, split)
-
-
 def read_story_file(path: str | os.PathLike) -> Iterator[str]:
     """Stream the stories of a text file, cut at every <|endoftext|>, one line at a time."""
     story: list[str] = []
     with open(path, encoding="utf-8") as f:
         for line in f:
-            *finished, rest = line.split(STORY_SEPARATOR)
+            *finished, rest = line.split(ENDOFTEXT)
             for part in finished:
                 story.append(part)
                 yield "".join(story)
@@ -133,30 +105,6 @@ def _split_of(file: Path) -> str | None:
 
 def _canonical_split(split: str) -> str:
     return next((name for name, aliases in SPLIT_WORDS.items() if split in aliases), split)
-
-
-def _load_local(path: Path, split: str) -> datasets.Dataset:
-    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-        return _load_saved(path, split)
-    if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in DATA_FILE_BUILDERS)
-        if not files:
-            raise DataError(f"{path}: folder holds no data files ({', '.join(DATA_FILE_BUILDERS)})")
-        by_split: dict[str, list[Path]] = {}
-        for file in files:
-            by_split.setdefault(_split_of(file) or "", []).append(file)
-        if by_split.keys() == {""}:
-            by_split = {"train": files}
-        wanted = _canonical_split(split)
-        if wanted not in by_split:
-            named = sorted(s for s in by_split if s)
-            raise SplitNotFoundError(f"{path}: no {split!r} split (file names give: {named})")
-        return _load_files(by_split[wanted], str(path))
-    if path.suffix.lower() not in DATA_FILE_BUILDERS:
-        raise DataError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(DATA_FILE_BUILDERS)}")
-    if _canonical_split(split) != "train":
-        raise SplitNotFoundError(f"{path}: a single file is one split ('train'), so it has no {split!r} split")
-    return _load_files([path], str(path))
 
 
 def _load_files(files: list[Path], source: str) -> datasets.Dataset:
@@ -187,6 +135,30 @@ def _load_saved(path: Path, split: str) -> datasets.Dataset:
     if _canonical_split(split) != "train":
         raise SplitNotFoundError(f"{path}: a saved Dataset is one split ('train'), so it has no {split!r} split")
     return saved
+
+
+def _load_local(path: Path, split: str) -> datasets.Dataset:
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        return _load_saved(path, split)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in DATA_FILE_BUILDERS)
+        if not files:
+            raise DataError(f"{path}: folder holds no data files ({', '.join(DATA_FILE_BUILDERS)})")
+        by_split: dict[str, list[Path]] = {}
+        for file in files:
+            by_split.setdefault(_split_of(file) or "", []).append(file)
+        if by_split.keys() == {""}:
+            by_split = {"train": files}
+        wanted = _canonical_split(split)
+        if wanted not in by_split:
+            named = sorted(s for s in by_split if s)
+            raise SplitNotFoundError(f"{path}: no {split!r} split (file names give: {named})")
+        return _load_files(by_split[wanted], str(path))
+    if path.suffix.lower() not in DATA_FILE_BUILDERS:
+        raise DataError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(DATA_FILE_BUILDERS)}")
+    if _canonical_split(split) != "train":
+        raise SplitNotFoundError(f"{path}: a single file is one split ('train'), so it has no {split!r} split")
+    return _load_files([path], str(path))
 
 
 # ----------------------------------------------------------------------------- hub
@@ -223,20 +195,65 @@ def _load_from_hub(name: str, split: str) -> datasets.Dataset:
         raise
 
 
-# ----------------------------------------------------------- command-line plumbing
+# ------------------------------------------------------------------- loading
 
-def run_script(main: Callable[[], object], user_errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> None:
-    """Run a script's main(). A user error (a bad path, a damaged file, data that cannot be
-    used) prints one line, `error: ...`, and exits with status 1; Ctrl-C exits with 130,
-    after the script's own message (say, how to resume) if it gave one."""
+def load_split(dataset: str, split: str = "train") -> datasets.Dataset:
+    """One split of a hub data set or of a local path, as a datasets.Dataset."""
+    path = Path(dataset).expanduser()
+    if path.exists():
+        return _load_local(path, split)
+    if _looks_like_path(dataset):
+        raise DataError(f"{dataset}: no such file or folder")
+    return _load_from_hub(dataset, split)
+
+
+def load_stories(
+    dataset: str = DEFAULT_DATASET, split: str = "train", text_column: str = "text", sample: int = 0, seed: int = 0
+) -> list[str]:
+    """The stories of one split, stripped of surrounding whitespace, empty ones dropped.
+
+    sample > 0 returns that many stories drawn at random (seeded; the same seed gives the
+    same stories); 0 returns all of them, in order.
+    """
+    table = load_split(dataset, split)
+    if text_column not in table.column_names:
+        raise DataError(f"{dataset}: no column {text_column!r} (columns: {table.column_names}); pass --text_column")
+    if sample and sample < len(table):
+        table = table.shuffle(seed=seed).select(range(sample))
+    stories = [text.strip() for text in table[text_column] if isinstance(text, str) and text.strip()]
+    if not stories:
+        raise DataError(f"{dataset}: no stories in split {split!r}, column {text_column!r} (all empty)")
+    return stories
+
+
+def hold_out(items: Sequence[T], held: int | float, seed: int) -> tuple[list[T], list[T]]:
+    """(kept, held_out): a seeded random share of items set aside, for validation or to
+    measure a tokenizer on text it has not seen. held is a count (int) or a fraction (float
+    in (0, 1), rounded down but at least one item), as in scikit-learn's train_test_split.
+    Both lists keep the items' order; the same items and seed give the same split.
+
+    The draw is random.Random(seed).shuffle of the indices: the generator behind the
+    tokenizer's held-out compression figure, so that figure stays reproducible. A fraction
+    that leaves nothing to keep is a DataError."""
+    count = max(1, int(len(items) * held)) if isinstance(held, float) else held
+    if count and count >= len(items):
+        raise DataError(f"{len(items)} stories or conversations are too few to hold out {count} of them "
+                        "and keep the rest")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    chosen = set(order[:count])
+    kept = [item for i, item in enumerate(items) if i not in chosen]
+    return kept, [items[i] for i in sorted(chosen)]
+
+
+def validation_stories(dataset: str = DEFAULT_DATASET, held_out: int = 200) -> list[str]:
+    """The validation split's stories, or, for data with no such split, the last held_out
+    training stories: a quick look for the notebooks, not a seeded random split like
+    hold_out's (which training and the tokenizer script use)."""
     try:
-        main()
-    except KeyboardInterrupt as interrupt:
-        print(f"\n{str(interrupt) or 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
-    except user_errors as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        return load_stories(dataset, "validation")
+    except SplitNotFoundError:
+        return load_stories(dataset)[-held_out:]
 
 
 # ------------------------------------------------------- token streams for training
@@ -246,9 +263,9 @@ def encode_stories(stories: list[str], tokenizer: BPETokenizer, num_workers: int
     """Stories -> one flat token stream, each story followed by <|endoftext|> (uint16 when
     the vocabulary fits, as it does for 10k or GPT-2's 50k). Story text is encoded as plain
     text: special-token look-alikes inside a story stay text."""
-    if STORY_SEPARATOR not in tokenizer.special_tokens:
-        raise DataError(f"the tokenizer has no {STORY_SEPARATOR} special token to separate stories")
-    end = tokenizer.special_tokens[STORY_SEPARATOR]
+    if ENDOFTEXT not in tokenizer.special_tokens:
+        raise DataError(f"the tokenizer has no {ENDOFTEXT} special token to separate stories")
+    end = tokenizer.special_tokens[ENDOFTEXT]
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     pieces = []
     step = 20_000
@@ -268,9 +285,8 @@ def cached_tokens(cache_dir: str | os.PathLike, key: dict, build: Callable[[], n
     if not path.exists():
         tokens = build()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.npy")
-        np.save(tmp, tokens)
-        os.replace(tmp, path)
+        # np.save appends .npy to a name without it, so the temporary name keeps the suffix.
+        write_atomically(path, lambda tmp: np.save(tmp, tokens), suffix=".npy")
         path.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return np.load(path, mmap_mode="r")
 
@@ -312,6 +328,68 @@ class TokenWindows(torch.utils.data.Dataset):
         return window[:-1], window[1:]
 
 
+# ---------------------------------------------------------- pretraining data
+
+def source_name(dataset: str | None) -> str | None:
+    """A data set's identity for cache keys: the absolute path of a local one."""
+    return str(Path(dataset).expanduser().resolve()) if dataset and Path(dataset).expanduser().exists() else dataset
+
+
+def load_train_and_validation(dataset: str, val_dataset: str | None = None, val_fraction: float = 0.05,
+                              text_column: str = "text", max_train_stories: int = 0, max_val_stories: int = 0,
+                              seed: int = 0) -> dict[str, list[str]]:
+    """{"train": stories, "validation": stories}. Validation is val_dataset (its validation
+    split, or the whole of a single file), else dataset's validation split, else a seeded
+    val_fraction of dataset's training stories (hold_out). max_*_stories > 0: a seeded sample."""
+    train = load_stories(dataset, "train", text_column, max_train_stories, seed)
+    try:
+        if val_dataset:
+            try:
+                validation = load_stories(val_dataset, "validation", text_column, max_val_stories, seed)
+            except SplitNotFoundError:  # a single file is its own split
+                validation = load_stories(val_dataset, "train", text_column, max_val_stories, seed)
+        else:
+            validation = load_stories(dataset, "validation", text_column, max_val_stories, seed)
+    except SplitNotFoundError:
+        try:
+            train, validation = hold_out(train, float(val_fraction), seed)
+        except DataError as err:
+            raise DataError(f"{dataset}: {err}") from None
+        if max_val_stories:
+            validation = validation[:max_val_stories]
+    return {"train": train, "validation": validation}
+
+
+def prepare_pretraining_data(tokenizer: BPETokenizer, dataset: str, block_size: int, cache_dir: str | os.PathLike,
+                             val_dataset: str | None = None, val_fraction: float = 0.05, text_column: str = "text",
+                             max_train_stories: int = 0, max_val_stories: int = 0, seed: int = 0,
+                             num_workers: int | None = None) -> tuple[TokenWindows, TokenWindows]:
+    """Training and validation windows of block_size tokens (see load_train_and_validation
+    for where validation comes from). Both token streams are encoded once and cached under
+    cache_dir; the stories are loaded only when a stream is not cached yet. The training
+    windows move each epoch (shift_seed), the validation windows stay put."""
+    loaded: dict[str, list[str]] = {}
+
+    def stories(role: str) -> list[str]:
+        if not loaded:
+            loaded.update(load_train_and_validation(dataset, val_dataset, val_fraction, text_column,
+                                                    max_train_stories, max_val_stories, seed))
+        return loaded[role]
+
+    # The key names everything the stream depends on: change any of it and it is encoded anew.
+    # held_out_by: caches made before hold_out (which draws another share) are not reused.
+    base_key = {"tokenizer": tokenizer.fingerprint(), "column": text_column, "seed": seed,
+                "val_dataset": source_name(val_dataset), "val_fraction": val_fraction, "held_out_by": "hold_out"}
+    streams = {}
+    for role, source, max_stories in (("train", dataset, max_train_stories),
+                                      ("validation", val_dataset or dataset, max_val_stories)):
+        key = {**base_key, "dataset": source_name(source), "role": role, "max_stories": max_stories}
+        streams[role] = cached_tokens(cache_dir, key, lambda role=role: encode_stories(
+            stories(role), tokenizer, num_workers, desc=f"encoding {role} stories"))
+    return (TokenWindows(streams["train"], block_size, shift_seed=seed),
+            TokenWindows(streams["validation"], block_size))
+
+
 # ------------------------------------------------------------------ conversations
 #
 # Chat data is a list of conversations, each a list of {"role", "content"} messages: the
@@ -333,26 +411,6 @@ STOPWORDS = frozenset("""the and was were had have has with that this they them 
     should will just like some went came saw see look looked says big little named because ever also""".split())
 
 
-def load_conversations(dataset: str, split: str = "train", sample: int = 0, seed: int = 0,
-                       column: str = "messages") -> list[list[dict]]:
-    """Conversations from a hub id or a local path: a `column` of messages, or text in the
-    TinyStoriesInstruct layout, each entry turned into a request and the story as the reply."""
-    table = load_split(dataset, split)
-    if sample and sample < len(table):
-        table = table.shuffle(seed=seed).select(range(sample))
-    if column in table.column_names:
-        conversations = [check_messages(messages, f"{dataset} row {i}") for i, messages in enumerate(table[column])]
-    elif "text" in table.column_names:
-        rng = random.Random(seed)
-        entries = [parse_instruct_entry(text) for text in instruct_entries(list(table["text"]))]
-        conversations = [instruct_conversation(entry, rng) for entry in entries if entry]
-    else:
-        raise DataError(f"{dataset}: no {column!r} column of messages and no text (columns: {table.column_names})")
-    if not conversations:
-        raise DataError(f"{dataset}: no conversations in split {split!r}")
-    return conversations
-
-
 def check_messages(messages, where: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: messages must be a non-empty list")
@@ -366,8 +424,8 @@ def instruct_entries(texts: list[str]) -> list[str]:
     """TinyStoriesInstruct entries. Its .txt files hold whole entries between <|endoftext|>
     lines (read_story_file already split them); on the hub every line is a row of its own,
     with <|endoftext|> rows between entries, so those rows are joined back first."""
-    if any(text.strip() == STORY_SEPARATOR for text in texts):
-        return [entry for entry in "\n".join(texts).split(STORY_SEPARATOR) if entry.strip()]
+    if any(text.strip() == ENDOFTEXT for text in texts):
+        return [entry for entry in "\n".join(texts).split(ENDOFTEXT) if entry.strip()]
     return texts
 
 
@@ -428,6 +486,26 @@ def instruct_conversation(entry: InstructEntry, rng: random.Random) -> list[dict
         request = rng.choice(["Write a story that {}.", "Can you tell me a story that {}?",
                               "Please write a short story that {}."]).format(join_words(wishes).rstrip(".!? "))
     return [{"role": "user", "content": request}, {"role": "assistant", "content": entry.story}]
+
+
+def load_conversations(dataset: str, split: str = "train", sample: int = 0, seed: int = 0,
+                       column: str = "messages") -> list[list[dict]]:
+    """Conversations from a hub id or a local path: a `column` of messages, or text in the
+    TinyStoriesInstruct layout, each entry turned into a request and the story as the reply."""
+    table = load_split(dataset, split)
+    if sample and sample < len(table):
+        table = table.shuffle(seed=seed).select(range(sample))
+    if column in table.column_names:
+        conversations = [check_messages(messages, f"{dataset} row {i}") for i, messages in enumerate(table[column])]
+    elif "text" in table.column_names:
+        rng = random.Random(seed)
+        entries = [parse_instruct_entry(text) for text in instruct_entries(list(table["text"]))]
+        conversations = [instruct_conversation(entry, rng) for entry in entries if entry]
+    else:
+        raise DataError(f"{dataset}: no {column!r} column of messages and no text (columns: {table.column_names})")
+    if not conversations:
+        raise DataError(f"{dataset}: no conversations in split {split!r}")
+    return conversations
 
 
 def story_sentences(story: str) -> list[str]:
@@ -522,7 +600,7 @@ class ChatExamples(torch.utils.data.Dataset):
     first (truncated_turns counts them); what still does not fit is cut at the end."""
 
     def __init__(self, conversations: list[list[dict]], tokenizer: BPETokenizer, block_size: int):
-        pad = tokenizer.special_tokens[STORY_SEPARATOR]
+        pad = tokenizer.special_tokens[ENDOFTEXT]
         rows, targets = [], []
         self.truncated_turns = self.cut_conversations = 0
         for messages in conversations:

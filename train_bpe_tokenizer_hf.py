@@ -3,23 +3,25 @@
     python train_bpe_tokenizer_hf.py --sample 10000                       # hub data set
     python train_bpe_tokenizer_hf.py --dataset ../shared/data/tinystories_train.txt
 
-Stories come from tinystories_data.load_stories; a seeded share is held out to measure
-compression (UTF-8 bytes per token) on text the tokenizer has not seen. Writes
-bpe_tokenizer.json (the project's format) and, with --hf_output, a Hugging Face
+Stories come from tinystories_data.load_stories; a seeded share (tinystories_data.hold_out)
+is held out to measure compression (UTF-8 bytes per token) on text the tokenizer has not seen.
+Writes bpe_tokenizer.json (the project's format) and, with --hf_output, a Hugging Face
 tokenizer.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 import time
 
 from bpe_tokenizer import DEFAULT_SPECIAL_TOKENS, BPETokenizer
-from tinystories_data import DEFAULT_DATASET, load_stories, run_script
+from common import run_script
+from gpt2_interop import save_hf_tokenizer
+from tinystories_data import DEFAULT_DATASET, hold_out, load_stories
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=DEFAULT_DATASET, help="hub id or local path (.txt, folder, json/jsonl/parquet, save_to_disk)")
     parser.add_argument("--split", default="train")
@@ -43,28 +45,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def split_heldout(stories: list[str], heldout: int, seed: int) -> tuple[list[str], list[str]]:
-    """A seeded random share of the stories for measuring compression, at most a tenth."""
-    heldout = min(heldout, len(stories) // 10)
-    order = list(range(len(stories)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:heldout])
-    train = [s for i, s in enumerate(stories) if i not in held]
-    return train, [stories[i] for i in sorted(held)]
-
-
 def bytes_per_token(tokenizer: BPETokenizer, texts: list[str]) -> float:
+    """Compression: UTF-8 bytes of texts over the tokens they encode to."""
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_tokens = sum(map(len, tokenizer.encode_batch(texts)))
     return n_bytes / max(n_tokens, 1)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Load, hold out, train, save, report."""
     args = parse_args(argv)
     wanted = args.sample + args.heldout if args.sample else 0
     print(f"loading {args.dataset} (split {args.split}{f', {wanted} sampled stories' if wanted else ''}) ...")
     stories = load_stories(args.dataset, args.split, args.text_column, sample=wanted, seed=args.seed)
-    train, held = split_heldout(stories, args.heldout, args.seed)
+    # A seeded share, at most a tenth, to measure compression on text the tokenizer has not seen.
+    train, held = hold_out(stories, min(args.heldout, len(stories) // 10), args.seed)
     megabytes = sum(len(s.encode("utf-8")) for s in train) / 1e6
     print(f"training on {len(train):,} stories ({megabytes:.1f} MB), vocab_size {args.vocab_size:,}")
 
@@ -73,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - start
     tokenizer.save(args.output)
     if args.hf_output:
-        tokenizer.save_hf(args.hf_output)
+        save_hf_tokenizer(tokenizer, args.hf_output)
 
     print(f"trained in {seconds:.2f} s: vocab_size {tokenizer.vocab_size:,} ({len(tokenizer.merges):,} merges, "
           f"{len(tokenizer.special_tokens)} special tokens)")

@@ -9,37 +9,45 @@ Conversations come from --dataset (a "messages" column in the hub's chat format,
 TinyStoriesInstruct text) or are built from plain stories with --from_stories (written to
 OUTPUT_DIR/conversations_{train,validation}.jsonl to inspect). Each becomes one row of
 --block_size tokens through the chat template; only the assistant's tokens count in the loss.
-The loop is pretraining's (train_tinystories_model.Trainer): AdamW, warm-up and decay, mixed
-precision, accumulation, early stopping on the assistant-only validation loss, checkpoints,
-exact --resume, Ctrl-C safety, TensorBoard with a sample reply at each evaluation.
+The loop is pretraining's (training.train): AdamW, warm-up and decay, mixed precision,
+accumulation, early stopping on the assistant-only validation loss, checkpoints, exact
+--resume, Ctrl-C safety, TensorBoard. Two of its hooks make it a chat run: the sample at each
+evaluation is a reply to --sample_prompt sent through the chat template (reply_prompt), and
+built conversations are written into the output dir once it is claimed (write_conversations).
+
+The program, top to bottom: the flags, the conversations (split_conversations), the hooks,
+set_dropout, and main: the base model, the rows (tinystories_data.ChatExamples), training.train.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import os
 import random
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from bpe_tokenizer import DEFAULT_SPECIAL_TOKENS, BPETokenizer
+from common import run_script
 from tinystories_data import (
     ChatExamples,
-    DataError,
     SplitNotFoundError,
     conversations_from_stories,
+    hold_out,
     load_conversations,
     load_stories,
-    run_script,
 )
-from train_tinystories_model import Trainer, TrainingError, add_training_args, check_training_args
+from training import TrainingError, add_training_args, check_training_args, train
 from transformer_model import load_checkpoint
-
-CHAT_TOKENS = ("<|endoftext|>", "<user>", "<assistant>", "<system>")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The data and training flags (training's, with chat's defaults), checked."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--base_model", required=True, help="the pretrained checkpoint to start from")
@@ -75,11 +83,7 @@ def split_conversations(args: argparse.Namespace) -> tuple[list, list]:
     except SplitNotFoundError:
         # Held out before conversations are built from stories: a built conversation may take
         # the next story for its second turn, and that must not reach across the split.
-        shuffled = random.Random(args.seed).sample(range(len(train)), len(train))
-        held = max(1, int(len(train) * args.val_fraction))
-        if held >= len(train):
-            raise DataError(f"{len(train)} examples are too few to hold out a validation share") from None
-        validation, train = [train[i] for i in shuffled[:held]], [train[i] for i in shuffled[held:]]
+        train, validation = hold_out(train, float(args.val_fraction), args.seed)
     if args.from_stories:
         train = conversations_from_stories(train, seed=args.seed)
         validation = conversations_from_stories(validation, seed=args.seed + 1)
@@ -91,26 +95,23 @@ def split_conversations(args: argparse.Namespace) -> tuple[list, list]:
 
 
 def write_jsonl(path: Path, conversations: list) -> None:
+    """One {"messages": [...]} object a line, the hub's chat format."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for messages in conversations:
             f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
 
 
-class ChatTrainer(Trainer):
-    """Pretraining's loop; the sample at each evaluation is a reply to a request, and built
-    conversations are written out for inspection once the output dir is claimed."""
+def write_conversations(output_dir: Path, conversations: dict[str, list]) -> None:
+    """The on_output_dir_ready hook: OUTPUT_DIR/conversations_{name}.jsonl for each set."""
+    for name, items in conversations.items():
+        write_jsonl(output_dir / f"conversations_{name}.jsonl", items)
 
-    conversations: dict[str, list] | None = None
 
-    def prepare_output_dir(self) -> None:
-        super().prepare_output_dir()
-        if self.conversations and self.dist.main:
-            for name, conversations in self.conversations.items():
-                write_jsonl(self.out / f"conversations_{name}.jsonl", conversations)
-
-    def sample_prompt_ids(self, prompt: str) -> list[int]:
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+def reply_prompt(tokenizer: BPETokenizer, request: str) -> list[int]:
+    """The prompt_ids hook: the sample at each evaluation is a reply to request, so the
+    request goes through the chat template and ends with <assistant>."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": request}], add_generation_prompt=True)
 
 
 def set_dropout(model: torch.nn.Module, dropout: float | None, attention_dropout: float | None) -> None:
@@ -129,9 +130,10 @@ def set_dropout(model: torch.nn.Module, dropout: float | None, attention_dropout
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Load the base model, build the conversation rows, train; returns the run's state."""
     args = parse_args(argv)
     model, tokenizer, _ = load_checkpoint(args.base_model, device="cpu")
-    missing = [token for token in CHAT_TOKENS if token not in tokenizer.special_tokens]
+    missing = [token for token in DEFAULT_SPECIAL_TOKENS if token not in tokenizer.special_tokens]
     if missing:
         raise ValueError(f"{args.base_model}: its tokenizer lacks the chat special tokens {missing}; train the base "
                          "model with a tokenizer that has them (train_bpe_tokenizer_hf.py adds them by default)")
@@ -139,17 +141,20 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--block_size {args.block_size} is above the base model's context "
                          f"({model.config.max_position_embeddings})")
     set_dropout(model, args.dropout, args.attention_dropout)
-    train, validation = split_conversations(args)
-    train_data = ChatExamples(train, tokenizer, args.block_size)
-    val_data = ChatExamples(validation, tokenizer, args.block_size)
-    trainer = ChatTrainer(args, model.train(), tokenizer, train_data, val_data, kind="chat")
-    if args.from_stories:
-        trainer.conversations = {"train": train, "validation": validation}
-    trainer.log(f"{len(train):,} training and {len(validation):,} validation conversations; "
-                f"{train_data.truncated_turns + val_data.truncated_turns} oldest turns dropped and "
-                f"{train_data.cut_conversations + val_data.cut_conversations} conversations cut to fit "
-                f"--block_size {args.block_size}")
-    return trainer.run()
+    # One row of --block_size tokens per conversation, the loss on the assistant's tokens only.
+    train_conversations, val_conversations = split_conversations(args)
+    train_data = ChatExamples(train_conversations, tokenizer, args.block_size)
+    val_data = ChatExamples(val_conversations, tokenizer, args.block_size)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, the first process reports
+        tqdm.write(f"{len(train_conversations):,} training and {len(val_conversations):,} validation conversations; "
+                   f"{train_data.truncated_turns + val_data.truncated_turns} oldest turns dropped and "
+                   f"{train_data.cut_conversations + val_data.cut_conversations} conversations cut to fit "
+                   f"--block_size {args.block_size}")
+    # Built conversations are written out to inspect; those read from a data set are there already.
+    built = {"train": train_conversations, "validation": val_conversations} if args.from_stories else {}
+    return train(args, model.train(), tokenizer, train_data, val_data, kind="chat",
+                 prompt_ids=functools.partial(reply_prompt, tokenizer),
+                 on_output_dir_ready=functools.partial(write_conversations, conversations=built))
 
 
 if __name__ == "__main__":

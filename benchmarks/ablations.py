@@ -24,21 +24,20 @@ runs/ablations/<run>/result.json, and a finished run is not redone (delete that 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from bench_utils import REPO, SHARED_DATA, machine_line
+from bench_utils import REPO, SHARED_DATA, machine_line, median_seconds
 from bpe_tokenizer import BPETokenizer
-from tinystories_data import load_stories
-from train_tinystories_model import main as train
-from train_tinystories_model import parse_args, prepare_pretraining_data, token_byte_lengths, windowed_metrics
-from transformer_model import autocast_dtype, generate, load_checkpoint
+from common import autocast_dtype
+from decoding import generate
+from evaluation import token_byte_lengths, windowed_metrics
+from tinystories_data import load_stories, prepare_pretraining_data
+from train_tinystories_model import main as train  # the script's whole run, as a function of its flags
+from transformer_model import load_checkpoint
 
 SIZES = {  # model flags, context for the positions/norm/vocab/dropout runs, batch size
     "tiny": (["--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "4",
@@ -94,25 +93,9 @@ def settings_of(options: argparse.Namespace) -> dict:
                                                    "seed", "device")}
 
 
-def validation_bits_per_byte(model, tokens, block: int, batch: int, amp: bool, token_bytes: torch.Tensor) -> dict:
-    """Loss and bits per byte of model over the whole validation stream, cut in windows of block."""
-    device = model.embed_tokens.weight.device
-    dtype = autocast_dtype(device) if amp else None
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-    return windowed_metrics(model, tokens, block, batch, device, autocast, token_bytes)
-
-
-def generation_speed(model, prompt: list[int], new_tokens: int) -> float:
+def generation_speed(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> float:
     """Greedy tokens/second (median of 3), continuing a prompt that fills most of the context."""
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        generate(model, prompt, new_tokens, do_sample=False)
-        times.append(time.perf_counter() - start)
-    return new_tokens / statistics.median(times)
+    return new_tokens / median_seconds(lambda: generate(model, prompt, new_tokens, do_sample=False), repeats=3)
 
 
 def run_one(name: str, flags: list[str], vocab: str, options: argparse.Namespace, work: Path) -> dict:
@@ -137,14 +120,19 @@ def run_one(name: str, flags: list[str], vocab: str, options: argparse.Namespace
     argv.append("--resume" if resumable else "--overwrite")
     print(f"\n=== {name}: {' '.join(flags)}", flush=True)
     state = train(argv)
-    args = parse_args(argv)
     model, tokenizer, _ = load_checkpoint(out / "final_model.pth", device=options.device)
-    _, validation = prepare_pretraining_data(args, tokenizer)
+    # The validation stream the run evaluated on: the same arguments find the same cache file.
+    _, validation = prepare_pretraining_data(tokenizer, options.dataset, block, work / "data_cache", seed=options.seed)
     token_bytes = token_byte_lengths(tokenizer)
-    amp = args.amp is not False
+    device = next(model.parameters()).device
+    amp_dtype = None if "--no-amp" in argv else autocast_dtype(device)  # the precision the runs trained in
+
+    def bits_per_byte(block_size: int) -> dict:
+        return windowed_metrics(model, validation.tokens, block_size, batch, device, amp_dtype, token_bytes)
+
     # The final model is scored here (not the last logged evaluation), so a run cut short by
     # --budget_minutes is measured on the weights it ended with.
-    final = validation_bits_per_byte(model, validation.tokens, block, batch, amp, token_bytes)
+    final = bits_per_byte(block)
     result = {"name": name, "flags": flags, "vocab": vocab, "block_size": block, "settings": settings_of(options),
               "tokens": state["tokens"], "minutes": state["train_seconds"] / 60,
               "train_tokens_per_second": state["tokens"] / state["step_seconds"],
@@ -154,31 +142,13 @@ def run_one(name: str, flags: list[str], vocab: str, options: argparse.Namespace
     if model.config.position_embedding == "learned":
         result["val_bits_per_byte_2x"] = None  # no positions past the learned table
     else:
-        twice = validation_bits_per_byte(model, validation.tokens, 2 * block, batch, amp, token_bytes)
-        result["val_bits_per_byte_2x"] = twice["val_bits_per_byte"]
+        result["val_bits_per_byte_2x"] = bits_per_byte(2 * block)["val_bits_per_byte"]
     if name.startswith("window"):
         context = model.config.max_position_embeddings
         prompt = validation.tokens[: context - 64].astype("int64").tolist()
         result["generate_tokens_per_second"] = generation_speed(model, prompt, 64)
     result_path.write_text(json.dumps(result, indent=1))
     return result
-
-
-def write_report(results: dict[str, dict], groups: dict[str, list[str]], out: Path, header: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    lines = [header, "", "| group | run | val bits/byte | at 2x length | val loss | bytes/token | train tokens/s "
-             "| generate tokens/s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for group, names in groups.items():
-        for name in names:
-            r = results[name]
-            twice = "n/a" if r.get("val_bits_per_byte_2x") is None else f"{r['val_bits_per_byte_2x']:.4f}"
-            generated = f"{r['generate_tokens_per_second']:,.0f}" if "generate_tokens_per_second" in r else ""
-            lines.append(f"| {group} | {name} | {r['val_bits_per_byte']:.4f} | {twice} | {r['val_loss']:.4f} | "
-                         f"{r['bytes_per_token']:.2f} | {r['train_tokens_per_second']:,.0f} | {generated} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    plot(results, groups, out)
 
 
 def plot(results: dict[str, dict], groups: dict[str, list[str]], out: Path) -> None:
@@ -218,6 +188,23 @@ def plot(results: dict[str, dict], groups: dict[str, list[str]], out: Path) -> N
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
     plt.close("all")
+
+
+def write_report(results: dict[str, dict], groups: dict[str, list[str]], out: Path, header: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    lines = [header, "", "| group | run | val bits/byte | at 2x length | val loss | bytes/token | train tokens/s "
+             "| generate tokens/s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for group, names in groups.items():
+        for name in names:
+            r = results[name]
+            twice = "n/a" if r.get("val_bits_per_byte_2x") is None else f"{r['val_bits_per_byte_2x']:.4f}"
+            generated = f"{r['generate_tokens_per_second']:,.0f}" if "generate_tokens_per_second" in r else ""
+            lines.append(f"| {group} | {name} | {r['val_bits_per_byte']:.4f} | {twice} | {r['val_loss']:.4f} | "
+                         f"{r['bytes_per_token']:.2f} | {r['train_tokens_per_second']:,.0f} | {generated} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(results, groups, out)
 
 
 def main(argv: list[str] | None = None) -> dict:

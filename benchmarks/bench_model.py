@@ -4,10 +4,10 @@
 
 Forward + backward tokens/second, same run, median of --repeats steps after warm-up, the two
 models' steps timed in turns:
-our default config (sinusoidal positions, window 256, GELU) against
-transformers.GPT2LMHeadModel with the same sizes (attn_implementation="sdpa", dropout 0.1 on
-embeddings and residuals and none on attention weights, like ours), at batch 8 x 256 and
-4 x 512, in float32 and with bfloat16 autocast; with --compile, both under torch.compile.
+our default config (sinusoidal positions, window 256, GELU) as the training loop runs it
+(speedups.use_chunked_loss: no logits tensor) against transformers.GPT2LMHeadModel with the
+same sizes (attn_implementation="sdpa", dropout 0.1 on embeddings and residuals and none on
+attention weights, like ours), at batch 8 x 256 and 4 x 512, in float32 and with bfloat16 autocast; with --compile, both under torch.compile.
 Model FLOPs utilisation = estimate_flops_per_token x tokens/s over a large matmul's FLOP/s
 measured in the same run, in the same precision.
 
@@ -24,6 +24,7 @@ import warnings
 import torch
 
 from bench_utils import SHARED_DATA, interleaved_seconds, machine_line, matmul_peak
+from speedups import use_chunked_loss
 from transformer_model import TransformerConfig, TransformerLM, estimate_flops_per_token
 
 SHAPES = ((8, 256), (4, 512))
@@ -57,17 +58,17 @@ def train_steps(model, batch: int, seq: int, dtype: torch.dtype | None, is_hf: b
 def loss_check(steps: int, warmup: int = 30) -> None:
     """Train float32 and bf16 autocast from the same start on the same batches, plus float32
     from another seed to show the size of run-to-run noise; print the three curves."""
-    from bpe_tokenizer import BPETokenizer
+    from bpe_tokenizer import ENDOFTEXT, BPETokenizer
     from tinystories_data import load_stories
 
     stories = load_stories(str(SHARED_DATA / "tinystories_train.txt"))
     tokenizer = BPETokenizer.train(stories, 10_000)
-    stream = torch.tensor([t for ids in tokenizer.encode_batch([s + "<|endoftext|>" for s in stories]) for t in ids])
+    stream = torch.tensor([t for ids in tokenizer.encode_batch([s + ENDOFTEXT for s in stories]) for t in ids])
     runs = {"float32, seed 0": (None, 0), "bf16 autocast, seed 0": (torch.bfloat16, 0), "float32, seed 1": (None, 1)}
     curves = {}
     for name, (dtype, seed) in runs.items():
         torch.manual_seed(seed)
-        model = TransformerLM(TransformerConfig()).train()
+        model = use_chunked_loss(TransformerLM(TransformerConfig()).train())
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         generator = torch.Generator().manual_seed(seed)
@@ -108,7 +109,7 @@ def main() -> None:
     print(f"matmul peak (2048 x 2048): float32 {peaks['float32'] / 1e12:.3f} TFLOP/s, "
           f"bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s")
     config = TransformerConfig()
-    ours = TransformerLM(config).train()
+    ours = use_chunked_loss(TransformerLM(config).train())  # as the training loop runs it
     hf = hf_gpt2(config).train()
     print(f"parameters: ours {ours.num_parameters():,}, Hugging Face GPT-2 {hf.num_parameters():,} "
           f"(its {config.max_position_embeddings * config.hidden_size:,} learned position weights)\n")

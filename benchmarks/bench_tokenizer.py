@@ -21,8 +21,6 @@ import argparse
 import os
 import platform
 import random
-import statistics
-import time
 from pathlib import Path
 
 import tiktoken
@@ -92,14 +90,8 @@ def bench_corpus(label: str, stories: list[str], repeats: int) -> list[tuple[str
     def cold(tokenizer: BPETokenizer) -> BPETokenizer:
         return BPETokenizer(tokenizer.vocab, tokenizer.merges, list(tokenizer.special_tokens), tokenizer.pattern)
 
-    def throughput(encode, fresh) -> float:
-        times = []
-        for _ in range(repeats):
-            tokenizer = fresh()
-            start = time.perf_counter()
-            encode(tokenizer)
-            times.append(time.perf_counter() - start)
-        return megabytes / statistics.median(times)
+    def throughput(encode, fresh) -> float:  # MB/s, each run on a fresh (cold) tokenizer
+        return megabytes / median_seconds(encode, repeats, setup=fresh)
 
     hf_json = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_tokenizer_hf.json"
     hf.save(str(hf_json))

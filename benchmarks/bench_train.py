@@ -2,11 +2,12 @@
 
     python benchmarks/bench_train.py --repeats 9
 
-Ours: the script's own Trainer.train_step (batch collation, forward and backward, gradient
-clipping, the schedule, AdamW), default model config, batch 16 x 256. Theirs: a plain PyTorch
-loop over transformers.GPT2LMHeadModel of the same sizes (sdpa attention, no attention dropout
-like ours) with the same AdamW, clipping and batch. float32 and bf16 autocast on the CPU, the
-two loops' steps timed in turns; MFU over the matmul peak measured in the same run.
+Ours: the training loop's own step, training.train_step (batch collation, forward and backward
+with the chunked loss, gradient clipping, the schedule, AdamW), default model config, batch
+16 x 256. Theirs: a plain PyTorch loop over transformers.GPT2LMHeadModel of the same sizes (sdpa
+attention, no attention dropout like ours) with the same AdamW, clipping and batch. float32 and
+bf16 autocast on the CPU, the two loops' steps timed in turns; MFU over the matmul peak measured
+in the same run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -22,23 +24,28 @@ from bench_model import hf_gpt2
 from bench_utils import SHARED_DATA, interleaved_seconds, machine_line, matmul_peak
 from bpe_tokenizer import BPETokenizer
 from tinystories_data import TokenWindows, load_stories
-from train_tinystories_model import Trainer, make_optimizer, parse_args
+from training import add_training_args, check_training_args, make_optimizer, start_run, train_step
 from transformer_model import TransformerConfig, TransformerLM, estimate_flops_per_token
 
 BATCH, BLOCK = 16, 256
 
 
-def our_step(amp: bool, workdir: str, tokenizer: BPETokenizer):
-    args = parse_args(["--output_dir", workdir, "--batch_size", str(BATCH), "--block_size", str(BLOCK),
-                       "--amp" if amp else "--no-amp", "--device", "cpu", "--num_epochs", "1000"])
+def our_step(amp: bool, workdir: str, tokenizer: BPETokenizer) -> Callable[[], tuple[float, float]]:
+    """One call = one training.train_step, set up as train_tinystories_model.py sets it up."""
+    parser = argparse.ArgumentParser()
+    add_training_args(parser)
+    args = parser.parse_args(["--output_dir", workdir, "--batch_size", str(BATCH), "--amp" if amp else "--no-amp",
+                              "--device", "cpu", "--num_epochs", "1000"])
+    check_training_args(parser, args)
     config = TransformerConfig(vocab_size=tokenizer.vocab_size)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, 200 * BATCH * BLOCK, dtype=np.uint16)
     data = TokenWindows(tokens, BLOCK)
-    trainer = Trainer(args, TransformerLM(config), tokenizer, data, data)
-    return trainer.train_step
+    run = start_run(args, TransformerLM(config), tokenizer, data, data)
+    return lambda: train_step(run)
 
 
-def hf_step(amp: bool):
+def hf_step(amp: bool) -> Callable[[], None]:
+    """One step of a plain loop over Hugging Face GPT-2 of the same size."""
     config = TransformerConfig()
     model = hf_gpt2(config).train()
     args = argparse.Namespace(weight_decay=0.1, learning_rate=3e-4, beta1=0.9, beta2=0.95)

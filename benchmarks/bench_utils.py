@@ -30,14 +30,17 @@ def machine_line() -> str:
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 0) -> float:
-    """Median wall time of repeats calls of fn, after warmup untimed calls."""
+def median_seconds(fn: Callable[..., object], repeats: int, warmup: int = 0,
+                   setup: Callable[[], object] | None = None) -> float:
+    """Median wall time of repeats calls of fn, after warmup untimed calls. With setup, each
+    timed call is fn(setup()), setup's own time left out (a fresh object, a cold cache)."""
     for _ in range(warmup):
-        fn()
+        fn() if setup is None else fn(setup())
     times = []
     for _ in range(repeats):
+        args = () if setup is None else (setup(),)
         start = time.perf_counter()
-        fn()
+        fn(*args)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -1,4 +1,4 @@
-"""Does the compiled decoding step (model.compile_decoding, the CLI's --compile) decode exactly
+"""Does the compiled decoding step (speedups.compile_decoding, the CLI's --compile) decode exactly
 like eager on this device, and how much faster?
 
     python benchmarks/check_compiled_decoding.py --device cuda
@@ -19,7 +19,9 @@ import time
 import torch
 
 from bench_utils import REPO, median_seconds, synchronized
-from transformer_model import TransformerConfig, TransformerLM, beam_search, generate, load_checkpoint
+from decoding import beam_search, generate
+from speedups import compile_decoding, use_few_row_linear
+from transformer_model import TransformerConfig, TransformerLM, load_checkpoint
 
 
 def main() -> None:
@@ -31,11 +33,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     config = TransformerConfig(position_embedding="learned", window_size=None, activation="gelu_tanh")
-    eager = TransformerLM(config).eval().to(device)
+    eager = use_few_row_linear(TransformerLM(config).eval().to(device))  # eager as the CLI runs it
     prompt = torch.randint(0, config.vocab_size, (1, 16), device=device)
     reference = generate(eager, prompt, 256, do_sample=False)
-    compiled = copy.deepcopy(eager)
-    compiled.compile_decoding()
+    compiled = compile_decoding(copy.deepcopy(eager))
     start = time.time()
     first = generate(compiled, prompt, 256, do_sample=False)
     print(f"compile + first run {time.time() - start:.1f} s")
@@ -47,10 +48,10 @@ def main() -> None:
         print(f"{name}: {256 / seconds:.0f} tokens/s", flush=True)
 
     base, tokenizer, _ = load_checkpoint(REPO / "pretrained" / "tinystories_base.pth", device=str(device))
+    use_few_row_linear(base)
     ids = tokenizer.encode("Once upon a time")
     reference = generate(base, ids, 400, do_sample=False)
-    base.compile_decoding()
-    out = generate(base, ids, 400, do_sample=False)
+    out = generate(compile_decoding(base), ids, 400, do_sample=False)
     same = sum(a == b for a, b in zip(out[0], reference[0], strict=True))
     print("released model, 400 greedy tokens, compiled equal to eager:", out == reference, f"{same}/400", flush=True)
     beams = beam_search(compiled, prompt, num_beams=4, max_new_tokens=64)

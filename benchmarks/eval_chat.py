@@ -13,15 +13,16 @@ words in the same replies (what chance gives: a story often holds common words a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import re
 
 import torch
 
 from bench_utils import SHARED_DATA
+from bpe_tokenizer import ENDOFTEXT
+from decoding import generate
+from evaluation import loss_totals, sequential_batches, summarize_losses, token_byte_lengths
 from tinystories_data import ChatExamples, conversations_from_stories, load_stories
-from train_tinystories_model import loss_totals, sequential_batches, summarize_losses, token_byte_lengths
-from transformer_model import generate, load_checkpoint
+from transformer_model import load_checkpoint
 
 WORDS_REQUEST = re.compile(r"the words (\w+), (\w+) and (\w+)")
 
@@ -56,9 +57,9 @@ def main() -> None:
         model, tokenizer, _ = load_checkpoint(path, device="cpu")
         examples = ChatExamples(conversations, tokenizer, args.block_size)
         batches = sequential_batches(len(examples), 16)
-        metrics = summarize_losses(*loss_totals(model, examples, batches, torch.device("cpu"), contextlib.nullcontext,
+        metrics = summarize_losses(*loss_totals(model, examples, batches, torch.device("cpu"), None,
                                                 token_byte_lengths(tokenizer)))
-        eos = tokenizer.special_tokens["<|endoftext|>"]
+        eos = tokenizer.special_tokens[ENDOFTEXT]
         all_three = used = control = 0
         for index, (words, messages) in enumerate(word_requests):
             prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)

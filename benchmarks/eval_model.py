@@ -4,20 +4,21 @@
 
 The split's stories are encoded with the checkpoint's own tokenizer, joined with <|endoftext|>
 and cut into windows of --block_size tokens (the training length by default), exactly like the
-validation set of train_tinystories_model.py. Bits per byte = total nats / ln 2 / UTF-8 bytes of
-the predicted tokens, so models with different tokenizers compare fairly.
+validation set of train_tinystories_model.py, and scored by the same function
+(evaluation.windowed_metrics). Bits per byte = total nats / ln 2 / UTF-8 bytes of the predicted
+tokens, so models with different tokenizers compare fairly.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import torch
 
 from bench_utils import SHARED_DATA
-from tinystories_data import encode_stories, load_stories, run_script
-from train_tinystories_model import token_byte_lengths, windowed_metrics
+from common import run_script
+from evaluation import token_byte_lengths, windowed_metrics
+from tinystories_data import encode_stories, load_stories
 from transformer_model import load_checkpoint
 
 
@@ -27,15 +28,12 @@ def evaluate_checkpoint(path: str, dataset: str, split: str = "validation", bloc
     model, tokenizer, metadata = load_checkpoint(path, device="cpu")
     block_size = block_size or metadata.get("args", {}).get("block_size") or model.config.max_position_embeddings
     tokens = encode_stories(load_stories(dataset, split), tokenizer, desc=f"encoding {split}")
-
-    def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-    return windowed_metrics(model, tokens, block_size, batch_size, torch.device("cpu"), autocast,
-                            token_byte_lengths(tokenizer))
+    return windowed_metrics(model, tokens, block_size, batch_size, torch.device("cpu"),
+                            torch.bfloat16 if bf16 else None, token_byte_lengths(tokenizer))
 
 
 def main(argv: list[str] | None = None) -> None:
+    """One table row per checkpoint."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="checkpoint files (.pth)")
     parser.add_argument("--dataset", default=str(SHARED_DATA), help="hub id or local path (tinystories_data)")

@@ -10,6 +10,22 @@ from bpe_tokenizer import BPETokenizer
 from transformer_model import TransformerConfig, TransformerLM
 
 
+def record_sample_prompts(monkeypatch) -> list[list[int]]:
+    """Make training's sample at each evaluation record its prompt ids in the returned list
+    (and then generate as usual)."""
+    import training
+
+    prompts: list[list[int]] = []
+    original_generate = training.generate
+
+    def generate_and_record(model, prompt, *args, **kwargs):
+        prompts.append(list(prompt))
+        return original_generate(model, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(training, "generate", generate_and_record)
+    return prompts
+
+
 def default_ctrl_c() -> None:
     """preexec_fn for a child process that a test interrupts: give it Ctrl-C's default action,
     even when the suite runs as a background job (a shell starts those with SIGINT ignored,

@@ -1,15 +1,12 @@
-"""BPETokenizer: byte-level BPE checked against a slow reference trainer, GPT-2's published
+"""BPETokenizer: byte-level BPE checked against the plain trainer learn_merges_simple, GPT-2's published
 files, Hugging Face `tokenizers` and `tiktoken`."""
 
-import itertools
 import json
 import pickle
 import random
 import tracemalloc
-from collections import Counter
 
 import pytest
-import regex
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,12 +14,15 @@ from hypothesis import strategies as st
 import bpe_tokenizer
 from bpe_tokenizer import (
     DEFAULT_SPECIAL_TOKENS,
-    GPT2_SPLIT_PATTERN,
     BPETokenizer,
     TokenizerFileError,
     bytes_to_text,
+    count_pre_tokens,
+    learn_merges,
+    learn_merges_simple,
     text_to_bytes,
 )
+from gpt2_interop import save_hf_tokenizer, tokenizer_from_gpt2_files
 
 CORPUS = [
     "Once upon a time, there was a little girl named Lily. She loved to play outside.",
@@ -53,39 +53,11 @@ def small_tokenizer() -> BPETokenizer:
     return BPETokenizer.train(CORPUS * 3, vocab_size=400)
 
 
-def reference_merges(texts, vocab_size, special_tokens):
-    """Obviously-correct BPE training: recount every pair of every word at every step."""
-    split = regex.compile("|".join(regex.escape(s) for s in special_tokens)).split if special_tokens else None
-    word_counts = Counter()
-    for text in texts:
-        for part in split(text) if split else [text]:
-            word_counts.update(regex.findall(GPT2_SPLIT_PATTERN, part))
-    words = {tuple(bytes([b]) for b in w.encode("utf-8")): c for w, c in word_counts.items()}
-    vocab = {bytes([b]) for b in range(256)}
-    merges = []
-    while len(vocab) + len(special_tokens) < vocab_size:
-        pairs = Counter()
-        for word, count in words.items():
-            for pair in itertools.pairwise(word):
-                pairs[pair] += count
-        if not pairs:
-            break
-        best = max(pairs, key=lambda pair: (pairs[pair], pair))
-        merges.append(best)
-        vocab.add(best[0] + best[1])
-        new_words = Counter()
-        for word, count in words.items():
-            out, i = [], 0
-            while i < len(word):
-                if word[i : i + 2] == best:
-                    out.append(best[0] + best[1])
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            new_words[tuple(out)] += count
-        words = new_words
-    return merges
+def simple_merges(texts, vocab_size, special_tokens):
+    """The merges train must learn: learn_merges_simple, the plain trainer that recounts every
+    pair at every step, on the corpus's pre-token counts (counted once, on one process)."""
+    word_counts = count_pre_tokens(texts, special_tokens=special_tokens, num_workers=1, show_progress=False)
+    return learn_merges_simple(word_counts, vocab_size - 256 - len(special_tokens))
 
 
 # ------------------------------------------------------------------------ round trip
@@ -192,14 +164,29 @@ def test_tokens_and_ids_map_both_ways(small_tokenizer):
 
 def test_training_matches_the_slow_reference_trainer_on_real_sentences():
     tokenizer = BPETokenizer.train(CORPUS, vocab_size=400)
-    assert tokenizer.merges == reference_merges(CORPUS, 400, DEFAULT_SPECIAL_TOKENS)
+    assert tokenizer.merges == simple_merges(CORPUS, 400, DEFAULT_SPECIAL_TOKENS)
     assert tokenizer.vocab_size == 400
 
 
 @given(st.lists(st.text(alphabet="ab c\n'1!é<>", max_size=40), max_size=12), st.integers(256, 330))
 def test_training_matches_the_slow_reference_trainer_ties_included(texts, vocab_size):
     tokenizer = BPETokenizer.train(texts, vocab_size=vocab_size, special_tokens=[])
-    assert tokenizer.merges == reference_merges(texts, vocab_size, [])
+    assert tokenizer.merges == simple_merges(texts, vocab_size, [])
+
+
+def test_simple_trainer_gives_the_merges_of_its_worked_example():
+    merges = learn_merges_simple({"aaabdaaabac": 1}, 4)
+    assert merges == [(b"a", b"a"), (b"aa", b"a"), (b"aaa", b"b"), (b"d", b"aaab")]
+    assert learn_merges({"aaabdaaabac": 1}, 4) == merges
+
+
+def test_fast_and_simple_trainers_agree_on_the_same_counts(shared_train_file):
+    text = shared_train_file.read_text(encoding="utf-8")
+    stories = [s for s in text.split("<|endoftext|>") if s.strip()][:100]
+    word_counts = count_pre_tokens(stories, num_workers=1, show_progress=False)
+    assert learn_merges(word_counts, 300) == learn_merges_simple(word_counts, 300)
+    few_counts = count_pre_tokens(stories[:10], num_workers=1, show_progress=False)
+    assert learn_merges(few_counts, 10**6) == learn_merges_simple(few_counts, 10**6)  # until no pair is left
 
 
 def test_vocab_size_counts_bytes_merges_and_special_tokens():
@@ -228,7 +215,7 @@ def test_training_is_deterministic_and_the_same_on_several_processes(monkeypatch
 def test_training_on_real_stories_matches_the_reference(shared_train_file):
     text = shared_train_file.read_text(encoding="utf-8")
     stories = [s.strip() for s in text.split("<|endoftext|>") if s.strip()][:200]
-    assert BPETokenizer.train(stories, vocab_size=600).merges == reference_merges(stories, 600, DEFAULT_SPECIAL_TOKENS)
+    assert BPETokenizer.train(stories, vocab_size=600).merges == simple_merges(stories, 600, DEFAULT_SPECIAL_TOKENS)
 
 
 # ---------------------------------------------------------- GPT-2 and Hugging Face
@@ -245,7 +232,7 @@ def hf_gpt2_tokenizer(vocab, merges):
 
 @pytest.fixture(scope="module")
 def gpt2_pair(gpt2_files):
-    return BPETokenizer.from_gpt2_files(*gpt2_files), hf_gpt2_tokenizer(*gpt2_files)
+    return tokenizer_from_gpt2_files(*gpt2_files), hf_gpt2_tokenizer(*gpt2_files)
 
 
 def test_gpt2_files_give_gpt2s_vocabulary(gpt2_pair):
@@ -274,17 +261,17 @@ def test_gpt2_encoding_equals_hugging_face_on_real_stories(gpt2_pair, shared_tra
 
 
 def test_extra_special_tokens_follow_gpt2s_vocabulary(gpt2_files):
-    tokenizer = BPETokenizer.from_gpt2_files(*gpt2_files, special_tokens=DEFAULT_SPECIAL_TOKENS)
+    tokenizer = tokenizer_from_gpt2_files(*gpt2_files, special_tokens=DEFAULT_SPECIAL_TOKENS)
     assert tokenizer.special_tokens == {"<|endoftext|>": 50256, "<user>": 50257, "<assistant>": 50258, "<system>": 50259}
 
 
 @pytest.fixture(scope="module")
 def hf_copy_of_small(small_tokenizer, tmp_path_factory):
-    """small_tokenizer written with save_hf and read back by Hugging Face tokenizers."""
+    """small_tokenizer written with save_hf_tokenizer and read back by Hugging Face tokenizers."""
     from tokenizers import Tokenizer
 
     path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
-    small_tokenizer.save_hf(path)
+    save_hf_tokenizer(small_tokenizer, path)
     return Tokenizer.from_file(str(path))
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import train_tinystories_chat_model
 from bpe_tokenizer import BPETokenizer
 from conftest import REPO
-from helpers import default_ctrl_c, endless_model, story, story_tokenizer, write_story_corpus
+from helpers import default_ctrl_c, endless_model, record_sample_prompts, story, story_tokenizer, write_story_corpus
 from test_train_tinystories_model import TINY_MODEL
 from tinystories_data import (
     ChatExamples,
@@ -219,6 +219,23 @@ def test_fine_tuning_on_conversations_lowers_the_assistant_loss(base_checkpoint,
     model, _, metadata = load_checkpoint(tmp_path / "chat" / "final_model.pth")
     assert metadata["kind"] == "chat"
     assert (model.config.dropout, model.config.attention_dropout) == (0.05, 0.2)  # the overrides were trained with
+
+
+def test_the_sample_at_each_evaluation_is_a_reply_sent_through_the_chat_template(base_checkpoint, tmp_path,
+                                                                                 monkeypatch):
+    """The chat script's prompt_ids hook reaches the loop: the sample prompt is a user turn and
+    ends with <assistant>, not the prompt encoded as plain text."""
+    prompts = record_sample_prompts(monkeypatch)
+    train_tinystories_chat_model.main([
+        "--base_model", str(base_checkpoint / "run" / "best_model.pth"), "--from_stories", str(base_checkpoint),
+        "--output_dir", str(tmp_path / "chat"), "--block_size", "64", "--batch_size", "8", "--max_steps", "2",
+        "--eval_interval", "1", "--max_val_conversations", "8", "--sample_tokens", "4",
+        "--sample_prompt", "Tell me a story."])
+    tokenizer = BPETokenizer.load(base_checkpoint / "tok.json")
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story."}],
+                                             add_generation_prompt=True)
+    assert prompts == [expected, expected]
+    assert expected[0] == tokenizer.special_tokens["<user>"] and expected[-1] == tokenizer.special_tokens["<assistant>"]
 
 
 def test_accumulated_fine_tuning_weighs_every_assistant_token_alike(base_checkpoint, tmp_path):

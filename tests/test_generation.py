@@ -1,26 +1,26 @@
-"""Decoding: greedy against a cache-free argmax loop and Hugging Face generate, filters
-against Hugging Face's warpers, beam search against brute-force enumeration."""
+"""Decoding: the KV-cache loop against the plain loop without a cache and Hugging Face
+generate, filters against Hugging Face's warpers, beam search against brute-force
+enumeration."""
 
-import copy
 import itertools
 import math
 
 import pytest
 import torch
 
-import transformer_model
-from test_transformer_model import VOCAB, tiny_model, tokenizer_of_size
-from transformer_model import (
-    TransformerConfig,
-    TransformerLM,
+import decoding
+from decoding import (
     beam_search,
     filter_top_k,
     filter_top_p,
     generate,
+    generate_without_cache,
     sample_from_logits,
     stream,
-    to_hf_gpt2,
 )
+from gpt2_interop import to_hf_gpt2
+from test_transformer_model import VOCAB, tiny_model, tokenizer_of_size
+from transformer_model import TransformerConfig, TransformerLM
 
 EOS = 7
 
@@ -36,6 +36,7 @@ def tokenizer():
 
 
 def argmax_without_cache(model, prompt, steps):
+    """Brute force: the whole sequence through the model at every step, the largest logit kept."""
     ids = list(prompt)
     for _ in range(steps):
         ids.append(model(torch.tensor([ids])).logits[0, -1].argmax().item())
@@ -48,60 +49,25 @@ def argmax_without_cache(model, prompt, steps):
 def test_greedy_equals_an_argmax_loop_that_recomputes_everything(position_embedding, window):
     model = tiny_model(position_embedding=position_embedding, window_size=window, initializer_range=0.3)
     prompt = [5, 17, 42, 99, 3]
-    assert generate(model, prompt, 25, do_sample=False) == [argmax_without_cache(model, prompt, 25)]
+    expected = argmax_without_cache(model, prompt, 25)
+    assert generate(model, prompt, 25, do_sample=False) == [expected]
+    assert generate_without_cache(model, prompt, 25, temperature=0) == expected
 
 
-@pytest.mark.parametrize("cuda_graphs", [False, True])  # frozen weights (CPUs), or caches at fixed addresses (GPUs)
-@pytest.mark.parametrize("position_embedding, window, prompts", [
-    ("rope", 6, [[5, 17, 42, 99, 3]]),  # the ring buffer wraps
-    ("alibi", None, [[5, 17, 42], [8, 1, 2, 3, 4, 5, 6]]),  # left padding, float mask
-    ("sinusoidal", 4, [[9, 9, 9, 9, 9, 9, 9, 9]]),
-])
-def test_the_compiled_decoding_step_is_traced_once_whole_and_decodes_like_eager(position_embedding, window, prompts,
-                                                                                 cuda_graphs, monkeypatch):
-    from torch._dynamo.testing import CompileCounter
-
-    marked = []  # the buffers given fixed addresses
-    monkeypatch.setattr(torch._dynamo, "mark_static_address", lambda tensor, guard=False: marked.append(tensor))
-    frozen_when_traced = []
-
-    class Counter(CompileCounter):  # counts the graphs it is given and runs them as they are
-        def __call__(self, graph, example_inputs):
-            frozen_when_traced.append(torch._inductor.config.freezing)
-            return super().__call__(graph, example_inputs)
-
-    torch._dynamo.reset()  # every model's step shares one code object, and torch's limit of 8 traces of it
+@pytest.mark.parametrize("position_embedding, window", [("rope", 6), ("sinusoidal", None), ("alibi", 4), ("learned", None)])
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)])
+def test_the_plain_loop_without_a_cache_samples_the_tokens_of_the_cache_loop(position_embedding, window, settings):
     model = tiny_model(position_embedding=position_embedding, window_size=window, initializer_range=0.3)
-    eager = generate(model, prompts, 20, do_sample=False)
-    counter = Counter()
-    model.compile_decoding(cuda_graphs=cuda_graphs, backend=counter, fullgraph=True)  # a graph break would raise
-    assert generate(model, [prompts[0]] * 3, 4, do_sample=False)  # another batch size: its own trace
-    assert generate(model, prompts, 20, do_sample=False) == eager
-    assert generate(model, [row[1:] for row in prompts], 30, do_sample=False)  # other lengths: the same cache size
-    assert generate(model, prompts, 20, do_sample=False) == eager  # a new cache: new buffers, no retrace
-    assert counter.frame_count == 2  # one trace per batch size; no step-dependent integer reached the graph
-    assert frozen_when_traced == [not cuda_graphs] * 2 and not torch._inductor.config.freezing  # only in the calls
-    cache = model.new_cache(len(prompts), 40)
-    model(torch.tensor([prompts[0]] * len(prompts)), past_key_values=cache)
-    cache.reorder(torch.tensor([0, 0, 0]))  # beam search's reorder to another number of rows: new buffers
-    buffers = cache.keys + cache.values
-    assert all(any(buffer is m for m in marked) for buffer in buffers) == cuda_graphs
+    prompt = [5, 17, 42, 99, 3]
+    plain = generate_without_cache(model, prompt, 25, generator=torch.Generator().manual_seed(4), **settings)
+    assert [plain] == generate(model, prompt, 25, generator=torch.Generator().manual_seed(4), **settings)
+    assert len(set(plain)) > 1  # really sampled, not one token over and over
 
 
-def test_a_copy_of_a_compiled_model_decodes_with_its_own_weights():
-    from torch._dynamo.testing import CompileCounter
-
-    torch._dynamo.reset()
-    model = tiny_model(initializer_range=0.3)
-    model.compile_decoding(backend=CompileCounter())
-    copied = copy.deepcopy(model)  # as quantize_int8 does
-    with torch.no_grad():
-        for parameter in copied.parameters():
-            parameter.copy_(torch.randn_like(parameter) * 0.3)
-    compiled_tokens = generate(copied, [5, 17, 42], 20, do_sample=False)
-    copied.compiled_decode_step = None
-    assert compiled_tokens == generate(copied, [5, 17, 42], 20, do_sample=False)
-    assert compiled_tokens != generate(model, [5, 17, 42], 20, do_sample=False)
+def test_the_plain_loop_stops_at_the_end_token_and_keeps_it(model):
+    greedy = argmax_without_cache(model, [1, 2, 3], 12)
+    eos = greedy[4]
+    assert generate_without_cache(model, [1, 2, 3], 12, temperature=0, eos_token_id=eos) == greedy[: greedy.index(eos) + 1]
 
 
 def test_zero_new_tokens_give_one_empty_list_per_prompt(model):
@@ -185,31 +151,6 @@ def test_top_p_filter_equals_hugging_face_ties_included(p):
     torch.testing.assert_close(filter_top_p(logits, p), TopPLogitsWarper(p)(None, logits.clone()))
 
 
-def test_top_p_on_a_large_vocabulary_equals_hugging_face_on_each_of_its_paths(monkeypatch):
-    from transformers import TopPLogitsWarper
-
-    from transformer_model import TOP_P_NUCLEUS, TOP_P_TAIL
-
-    ran = []  # which part of filter_top_p decided (see its docstring), from the k it asked topk for
-    topk, sort = torch.topk, torch.sort
-    monkeypatch.setattr(torch, "topk", lambda *a, **k: ran.append({TOP_P_NUCLEUS: "largest", TOP_P_TAIL: "smallest"}[a[1]])
-                        or topk(*a, **k))
-    monkeypatch.setattr(torch, "sort", lambda *a, **k: ran.append("sort") or sort(*a, **k))
-    torch.manual_seed(0)
-    peaked, flat, uniform = (torch.randn(2, 3 * TOP_P_TAIL) * scale for scale in (6.0, 0.5, 0.01))
-    cases = [(peaked, 0.9, "largest"), (flat, 0.9, "smallest"), (uniform, 0.5, "sort"), (peaked, 1e-9, "largest"),
-             (torch.cat((peaked[:1], flat[:1])), 0.9, "sort"),  # a batch decides by its hardest row
-             (torch.cat((uniform[:1], flat[:1])), 0.95, "smallest")]
-    for logits, p, path in cases:
-        ran.clear()
-        ours = filter_top_p(logits, p)
-        assert ran[-1] == path, (path, p, ran)
-        assert torch.equal(ours, TopPLogitsWarper(p)(None, logits.clone())), (path, p)
-    for logits in (peaked, uniform):  # at p = 0 (generate refuses it) each path still keeps the top token
-        kept = filter_top_p(logits, 0.0).isfinite()
-        assert kept.sum().item() == len(logits) and kept.gather(1, logits.argmax(1, keepdim=True)).all()
-
-
 def test_repetition_penalty_and_no_repeat_ngrams(model):
     (plain,) = generate(model, [9, 9, 9], 40, do_sample=False)
     (blocked,) = generate(model, [9, 9, 9], 40, do_sample=False, no_repeat_ngram_size=2)
@@ -251,7 +192,7 @@ def test_streamed_text_joins_to_the_generated_text(model, tokenizer):
 def test_streaming_holds_a_character_back_until_all_its_bytes_are_there(monkeypatch, tokenizer):
     tokens = tokenizer.encode("a 🙂 b")
     assert len(tokenizer.encode("🙂")) == 4  # one byte token each
-    monkeypatch.setattr(transformer_model, "generate_steps", lambda *args, **kwargs: iter([[t] for t in tokens]))
+    monkeypatch.setattr(decoding, "generate_steps", lambda *args, **kwargs: iter([[t] for t in tokens]))
     pieces = list(stream(None, tokenizer, [1], 10))
     assert "".join(pieces) == "a 🙂 b"
     assert "🙂" in pieces and not any("\ufffd" in piece for piece in pieces)

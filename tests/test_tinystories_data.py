@@ -1,13 +1,14 @@
 """load_stories: every kind of source gives the same list of stories, and every failure
-gives one clear DataError."""
+gives one clear DataError; hold_out: the one seeded held-out split."""
 
 import json
+import random
 
 import datasets
 import pytest
 
 import tinystories_data
-from tinystories_data import DataError, SplitNotFoundError, load_stories, read_story_file
+from tinystories_data import DataError, SplitNotFoundError, hold_out, load_stories, read_story_file
 
 STORIES = ["Once upon a time there was a cat.", "Tom saw a big dog.\nHe ran home.", "The end."]
 
@@ -119,3 +120,39 @@ def test_shared_data_folder_has_its_train_and_validation_stories(shared_train_fi
     folder = str(shared_train_file.parent)
     assert len(load_stories(folder)) == 2983
     assert len(load_stories(folder, split="validation")) == 686
+
+
+# ------------------------------------------------------------------------ hold_out
+
+ITEMS = [f"story {i}" for i in range(103)]
+
+
+@pytest.mark.parametrize("held, count", [(10, 10), (0.1, 10), (0.001, 1), (0, 0)])
+def test_hold_out_splits_disjointly_covers_everything_and_keeps_the_order(held, count):
+    kept, held_out = hold_out(ITEMS, held, seed=7)
+    assert len(held_out) == count and len(kept) == len(ITEMS) - count
+    assert sorted(kept + held_out, key=ITEMS.index) == ITEMS  # together, every item exactly once
+    assert not set(kept) & set(held_out)
+    assert kept == sorted(kept, key=ITEMS.index) and held_out == sorted(held_out, key=ITEMS.index)
+
+
+def test_hold_out_is_deterministic_for_a_seed_and_differs_across_seeds():
+    assert hold_out(ITEMS, 20, seed=1) == hold_out(ITEMS, 20, seed=1)
+    assert hold_out(ITEMS, 20, seed=1)[1] != hold_out(ITEMS, 20, seed=2)[1]
+
+
+def test_hold_out_draws_as_the_tokenizer_script_always_has():
+    """random.Random(seed).shuffle of the indices: the draw behind the tokenizer's held-out
+    compression figure in README and RESULTS, so that figure stays reproducible."""
+    order = list(range(len(ITEMS)))
+    random.Random(0).shuffle(order)
+    expected = {ITEMS[i] for i in order[:10]}
+    kept, held_out = hold_out(ITEMS, 10, seed=0)
+    assert set(held_out) == expected and set(kept) == set(ITEMS) - expected
+
+
+def test_holding_out_everything_is_refused():
+    with pytest.raises(DataError, match="too few to hold out"):
+        hold_out(ITEMS[:1], 0.05, seed=0)  # a share is at least one item, and one item leaves none
+    with pytest.raises(DataError, match="too few to hold out"):
+        hold_out(ITEMS[:3], 3, seed=0)

@@ -8,8 +8,8 @@ import pytest
 import tinystories_data
 import train_bpe_tokenizer_hf
 from bpe_tokenizer import BPETokenizer
+from common import run_script
 from conftest import REPO
-from tinystories_data import run_script
 
 STORIES = [f"Once upon a time, a little {animal} named {name} found {n} shiny stones." for n, (animal, name) in
            enumerate([("cat", "Mia"), ("dog", "Rex"), ("bird", "Tweet"), ("fox", "Red"), ("frog", "Hop")] * 12)]

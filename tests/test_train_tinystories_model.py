@@ -1,5 +1,6 @@
-"""train_tinystories_model.py on a tiny generated corpus and a tiny model: the loop, exact
-resume, accumulation, caching, early stopping, DDP on CPU, TensorBoard, and bad input."""
+"""train_tinystories_model.py and the loop it runs (training.py) on a tiny generated corpus and
+a tiny model: the loop, exact resume, accumulation, caching, early stopping, DDP on CPU,
+TensorBoard, and bad input."""
 
 import json
 import random
@@ -11,12 +12,15 @@ import time
 import pytest
 import torch
 
-import train_tinystories_model as trainer_module
+import tinystories_data
+import training
 from bpe_tokenizer import BPETokenizer
 from conftest import REPO
-from helpers import default_ctrl_c, story, story_tokenizer, write_story_corpus
-from tinystories_data import TokenWindows
-from train_tinystories_model import EpochBatches, Trainer, TrainingError, main
+from helpers import default_ctrl_c, record_sample_prompts, story, story_tokenizer, write_story_corpus
+from speedups import ChunkedLossLMHead
+from tinystories_data import TokenWindows, hold_out, load_stories, load_train_and_validation
+from train_tinystories_model import main
+from training import EpochBatches, TrainingError
 from transformer_model import load_checkpoint, read_checkpoint
 
 TINY_MODEL = ["--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "4",
@@ -61,18 +65,18 @@ def test_loss_falls_and_every_file_appears(corpus, tmp_path):
 def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(corpus, tmp_path, monkeypatch):
     args = ("--max_steps", "24", "--dropout", "0.1")
     main(train_args(corpus, tmp_path / "straight", *args))
-    original_step = Trainer.train_step
+    original_step = training.train_step
 
-    def step_then_interrupt(self):
-        result = original_step(self)
-        if self.state["step"] == 13:
-            self.stop_requested = True  # what Ctrl-C or SIGTERM does
+    def step_then_interrupt(run):
+        result = original_step(run)
+        if run.state["step"] == 13:
+            run.stop_requested = True  # what Ctrl-C or SIGTERM does
         return result
 
-    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    monkeypatch.setattr(training, "train_step", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt, match="--resume"):
         main(train_args(corpus, tmp_path / "interrupted", *args))
-    monkeypatch.setattr(Trainer, "train_step", original_step)
+    monkeypatch.setattr(training, "train_step", original_step)
     state = main(train_args(corpus, tmp_path / "interrupted", *args, "--resume"))
     assert state["step"] == 24
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "interrupted")
@@ -81,19 +85,19 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(corpus, tmp_p
 
 def test_the_time_limit_counts_the_whole_run_resumes_included(corpus, tmp_path, monkeypatch):
     clock = iter(range(0, 10**6, 10))  # a clock on which every reading is 10 s after the last
-    monkeypatch.setattr(trainer_module, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: next(clock))}))
-    original_step = Trainer.train_step
+    monkeypatch.setattr(training, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: next(clock))}))
+    original_step = training.train_step
 
-    def step_then_interrupt(self):
-        result = original_step(self)
-        self.stop_requested = self.state["step"] == 4
+    def step_then_interrupt(run):
+        result = original_step(run)
+        run.stop_requested = run.state["step"] == 4
         return result
 
     args = train_args(corpus, tmp_path / "run", "--max_steps", "1000", "--max_time_minutes", "5")
-    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    monkeypatch.setattr(training, "train_step", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         main(args)
-    monkeypatch.setattr(Trainer, "train_step", original_step)
+    monkeypatch.setattr(training, "train_step", original_step)
     first_part = read_checkpoint(tmp_path / "run" / "last.pth")["metadata"]["state"]["train_seconds"]
     state = main([*args, "--resume"])
     assert 0 < first_part < 300 < state["train_seconds"]
@@ -118,7 +122,7 @@ def test_encoded_data_is_cached_and_reused(corpus, tmp_path, monkeypatch):
     def must_not_encode(*_, **__):
         raise AssertionError("encoded again")
 
-    monkeypatch.setattr(trainer_module, "encode_stories", must_not_encode)
+    monkeypatch.setattr(tinystories_data, "encode_stories", must_not_encode)
     main([*args, "--overwrite"])
 
 
@@ -127,6 +131,40 @@ def test_a_single_file_holds_out_a_seeded_validation_share(corpus, tmp_path):
     args[args.index("--dataset") + 1] = str(corpus / "stories_train.txt")
     state = main(args)
     assert state["history"][-1]["val_tokens"] > 0
+
+
+def test_the_held_out_validation_share_is_hold_out_of_the_training_file(corpus):
+    single = str(corpus / "stories_train.txt")
+    stories = load_stories(single)
+    split = load_train_and_validation(single, val_fraction=0.1, seed=3)
+    assert (split["train"], split["validation"]) == hold_out(stories, 0.1, seed=3)
+    assert len(split["validation"]) == len(stories) // 10 and len(split["train"]) + len(split["validation"]) == len(stories)
+    assert load_train_and_validation(single, val_fraction=0.1, seed=3, max_val_stories=5)["validation"] == \
+        split["validation"][:5]
+    folder = load_train_and_validation(str(corpus), val_fraction=0.1, seed=3)  # a validation file: nothing held out
+    assert folder["train"] == stories and folder["validation"] == load_stories(str(corpus), "validation")
+
+
+def test_training_switches_the_chunked_loss_on_and_saves_the_plain_model(corpus, tmp_path, monkeypatch):
+    seen = []
+    original_step = training.train_step
+
+    def step_and_look(run):
+        seen.append(type(run.raw_model.lm_head))
+        return original_step(run)
+
+    monkeypatch.setattr(training, "train_step", step_and_look)
+    main(train_args(corpus, tmp_path / "run", "--max_steps", "2"))
+    assert seen == [ChunkedLossLMHead, ChunkedLossLMHead]
+    model, _, _ = load_checkpoint(tmp_path / "run" / "final_model.pth")  # the same keys: a plain model loads it
+    assert type(model.lm_head) is not ChunkedLossLMHead
+
+
+def test_the_pretraining_sample_is_the_prompt_encoded_as_plain_text(corpus, tmp_path, monkeypatch):
+    prompts = record_sample_prompts(monkeypatch)
+    main(train_args(corpus, tmp_path / "run", "--max_steps", "10", "--sample_prompt", "Once upon a time"))
+    tokenizer = BPETokenizer.load(corpus / "tok.json")
+    assert prompts == [tokenizer.encode("Once upon a time")]
 
 
 def test_early_stopping_after_patience_evaluations_without_improvement(corpus, tmp_path):
@@ -263,16 +301,16 @@ def test_resuming_with_another_tokenizer_is_refused_and_writes_nothing(corpus, t
 
 
 def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
-    original_step = Trainer.train_step
+    original_step = training.train_step
 
-    def step_then_break_the_weights(self):
-        result = original_step(self)
-        if self.state["step"] == 7:
+    def step_then_break_the_weights(run):
+        result = original_step(run)
+        if run.state["step"] == 7:
             with torch.no_grad():
-                self.raw_model.final_norm.weight.fill_(float("nan"))
+                run.raw_model.final_norm.weight.fill_(float("nan"))
         return result
 
-    monkeypatch.setattr(Trainer, "train_step", step_then_break_the_weights)
+    monkeypatch.setattr(training, "train_step", step_then_break_the_weights)
     with pytest.raises(TrainingError, match=r"the loss became nan at step 8; the last good checkpoint is .*last.pth"):
         main(train_args(corpus, tmp_path / "run", "--max_steps", "20", "--eval_interval", "5"))
     model, _, metadata = load_checkpoint(tmp_path / "run" / "last.pth")
@@ -284,10 +322,10 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpu
     "[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes",
 ])
 def test_a_first_batch_that_does_not_fit_says_which_flag_to_lower(corpus, tmp_path, monkeypatch, allocator_message):
-    def out_of_memory(self):
+    def out_of_memory(run):
         raise RuntimeError(allocator_message)
 
-    monkeypatch.setattr(Trainer, "train_step", out_of_memory)
+    monkeypatch.setattr(training, "train_step", out_of_memory)
     with pytest.raises(TrainingError, match="lower --batch_size"):
         main(train_args(corpus, tmp_path / "run", "--max_steps", "2"))
 

@@ -1,0 +1,608 @@
+"""The training loop, as functions: shared by pretraining (train_tinystories_model.py) and chat
+fine-tuning (train_tinystories_chat_model.py).
+
+Read `train` first (at the end of the file): setup, then `while step < total:` one step, log,
+evaluate and checkpoint, stop checks; then finish. `train_step` is one optimizer step in one
+place: gradient accumulation, token-weighted micro-batches, autocast, the GradScaler, clipping,
+the learning-rate schedule. The chat script reuses the loop through two hooks of `train`
+(`prompt_ids`, `on_output_dir_ready`), not by subclassing.
+
+The file, top to bottom:
+- flags: add_training_args, check_training_args, run_config (the flags that define a run);
+- the recipe: lr_at (warm-up, then cosine, linear or no decay), make_optimizer (AdamW);
+- processes: Distributed and setup_distributed (torchrun: DDP over NCCL or gloo);
+- the data order: EpochBatches (seeded, split across processes, resumable);
+- is_out_of_memory, release (a best model as a 16-bit released file);
+- a run: Run (what one run holds), training_amp_dtype, start_run, log, resume, claim_output_dir,
+  save;
+- one step: train_step;
+- evaluation: evaluate, sample, evaluation_says_stop;
+- the loop: request_stop (Ctrl-C), first_step_must_fit, log_step, finish, wrap_model, close,
+  and train.
+
+Every run writes best_model.pth, final_model.pth, last.pth (with the optimizer, scaler, data
+position and RNG states, so --resume continues exactly), config.json and TensorBoard logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from bpe_tokenizer import ENDOFTEXT, BPETokenizer
+from common import autocast, autocast_dtype, pick_device
+from decoding import generate
+from evaluation import collate, loss_totals, sequential_batches, summarize_losses, token_byte_lengths
+from speedups import use_chunked_loss
+from tinystories_data import DataError
+from transformer_model import (
+    TransformerLM,
+    estimate_flops_per_token,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+Dataset = torch.utils.data.Dataset
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a NaN loss, a batch that does not fit); says what to change."""
+
+
+# --------------------------------------------------------------------------- flags
+
+def add_training_args(parser: argparse.ArgumentParser, learning_rate: float = 3e-4) -> None:
+    """The loop's flags, shared with the chat fine-tuning script."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--output_dir", default="tinystories_model")
+    group.add_argument("--num_epochs", type=float, default=10)
+    group.add_argument("--batch_size", type=int, default=32, help="sequences per step and process")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--learning_rate", type=float, default=learning_rate)
+    group.add_argument("--min_lr", type=float, default=None, help="end of the decay (default: learning_rate / 10)")
+    group.add_argument("--lr_schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    group.add_argument("--warmup_steps", type=int, default=100)
+    group.add_argument("--weight_decay", type=float, default=0.1, help="on weight matrices only")
+    group.add_argument("--beta1", type=float, default=0.9)
+    group.add_argument("--beta2", type=float, default=0.95)
+    group.add_argument("--grad_clip", type=float, default=1.0, help="0 = off")
+    group.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0 = the epochs decide)")
+    group.add_argument("--max_time_minutes", type=float, default=0, help="stop once the run has trained this long, resumed parts included (0 = no limit)")
+    group.add_argument("--eval_interval", type=int, default=200)
+    group.add_argument("--eval_batches", type=int, default=20, help="validation batches per evaluation (0 = all)")
+    group.add_argument("--patience", type=int, default=5, help="stop after this many evaluations without "
+                       "improvement (0 = never)")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                       help="mixed precision (default: on where the device has fast bf16 or fp16)")
+    group.add_argument("--amp_dtype", choices=["bf16", "fp16"], default=None)
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--log_dir", default=None, help="TensorBoard logs (default: OUTPUT_DIR/runs)")
+    group.add_argument("--sample_prompt", default="Once upon a time", help="story started at each evaluation")
+    group.add_argument("--sample_tokens", type=int, default=120)
+    group.add_argument("--resume", action="store_true", help="continue the run in --output_dir from last.pth")
+    group.add_argument("--overwrite", action="store_true", help="start over in an --output_dir that holds a run")
+    group.add_argument("--release_to", default=None,
+                       help="also write the best model here: weights in 16 bits, no optimizer state")
+
+
+def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse impossible flags through parser.error (exit 2), and fill in --min_lr."""
+    for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "block_size"):
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.learning_rate <= 0 or args.num_epochs <= 0:
+        parser.error("--learning_rate and --num_epochs must be positive")
+    if args.resume and args.overwrite:
+        parser.error("give --resume or --overwrite, not both")
+    if args.min_lr is None:
+        args.min_lr = args.learning_rate / 10
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The flags that define a run, leaving out those that only steer one invocation."""
+    steering = {"resume", "overwrite", "device", "num_workers", "release_to", "log_dir", "cache_dir", "compile",
+                "max_time_minutes"}
+    return {k: v for k, v in sorted(vars(args).items()) if k not in steering}
+
+
+# -------------------------------------------------------------------------- recipe
+
+def lr_at(step: int, args: argparse.Namespace, total_steps: int) -> float:
+    """Linear warm-up to learning_rate over warmup_steps, then cosine (or linear) decay to
+    min_lr at total_steps, or constant."""
+    if step < args.warmup_steps:
+        return args.learning_rate * (step + 1) / args.warmup_steps
+    if args.lr_schedule == "constant":
+        return args.learning_rate
+    progress = min(1.0, (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if args.lr_schedule == "cosine" else 1 - progress
+    return args.min_lr + (args.learning_rate - args.min_lr) * shape
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only: biases, LayerNorm gains and the
+    embedding tables (the tied LM head among them) are not decayed."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
+    no_decay = [p for p in model.parameters() if p.dim() < 2 or id(p) in embeddings]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = next(model.parameters()).device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.beta1, args.beta2), fused=fused)
+
+
+# ----------------------------------------------------------------------- processes
+
+@dataclasses.dataclass
+class Distributed:
+    """This process's place among the processes of a torchrun job (rank 0 of 1 when alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """The process that logs and writes files."""
+        return self.rank == 0
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sum over all processes (identity when alone)."""
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+    """Under torchrun (RANK and WORLD_SIZE set), join the process group: NCCL between GPUs,
+    gloo on CPUs; each process takes the GPU of its LOCAL_RANK."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed(), pick_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world_size), device
+
+
+# ---------------------------------------------------------------------- data order
+
+class EpochBatches:
+    """Which items each step reads: every epoch a fresh seeded permutation, cut into global
+    batches of batch_size x world_size items, of which each rank takes its own slice. The
+    state (epoch, batch within it) goes into checkpoints, so --resume reads on exactly where
+    the run stopped. A final incomplete batch is dropped, so every batch has the same size."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = num_items // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise DataError(f"{num_items} training windows are too few for one batch of {batch_size} x "
+                            f"{world_size} process(es): lower --batch_size or --block_size")
+        self.epoch, self.position = 0, 0
+        self._order: list[int] | None = None
+
+    def next_indices(self) -> list[int]:
+        if self.position == self.batches_per_epoch:
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._order = torch.randperm(self.num_items, generator=generator).tolist()
+        start = (self.position * self.world_size + self.rank) * self.batch_size
+        self.position += 1
+        return self._order[start : start + self.batch_size]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self._order = state["epoch"], state["position"], None
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether err is an allocation failure: CUDA says "out of memory", the CPU allocator
+    "can't allocate memory"."""
+    return any(text in str(err) for text in ("out of memory", "can't allocate memory", "not enough memory"))
+
+
+def release(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """Copy a checkpoint as a released model: weights in float16, no optimizer state."""
+    model, tokenizer, metadata = load_checkpoint(source, device="cpu")
+    keep = {key: metadata[key] for key in ("kind", "history", "step", "args") if key in metadata}
+    Path(destination).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(destination, model, tokenizer, weights_dtype=torch.float16, **keep)
+
+
+# --------------------------------------------------------------------------- a run
+
+@dataclasses.dataclass
+class Run:
+    """What one run holds. `state` is what --resume restores besides the weights, optimizer,
+    scaler, data position and RNG: step, tokens, best_val_loss, evals_without_improvement,
+    history (one record per evaluation), train_seconds (the run's wall time, evaluations and
+    saves included) and step_seconds (the optimisation steps alone, for a throughput that
+    evaluations do not dilute)."""
+
+    args: argparse.Namespace
+    kind: str  # "pretraining" or "chat", recorded in the checkpoints
+    tokenizer: BPETokenizer
+    train_data: Dataset
+    val_data: Dataset
+    raw_model: TransformerLM  # what is saved, evaluated and sampled
+    model: torch.nn.Module  # what trains: raw_model, or raw_model wrapped by DDP or torch.compile
+    optimizer: torch.optim.Optimizer
+    amp_dtype: torch.dtype | None  # autocast dtype; None is float32
+    scaler: torch.amp.GradScaler
+    batches: EpochBatches
+    total_steps: int
+    dist: Distributed
+    device: torch.device
+    out: Path
+    state: dict
+    token_bytes: torch.Tensor  # UTF-8 bytes per token id, for bits per byte
+    writer: SummaryWriter | None = None  # TensorBoard, on the main process
+    stop_requested: bool = False  # set by Ctrl-C or SIGTERM
+
+
+def training_amp_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
+    """--amp and --amp_dtype as an autocast dtype (None: float32). By default mixed precision
+    is on where the device has a fast half precision (common.autocast_dtype)."""
+    dtype = autocast_dtype(device) if args.amp_dtype is None else (
+        torch.bfloat16 if args.amp_dtype == "bf16" else torch.float16)
+    use_amp = dtype is not None if args.amp is None else args.amp
+    return (dtype or torch.bfloat16) if use_amp else None
+
+
+def start_run(args: argparse.Namespace, model: TransformerLM, tokenizer: BPETokenizer, train_data: Dataset,
+              val_data: Dataset, kind: str = "pretraining") -> Run:
+    """Everything a run needs before its first step: the processes and the device, the model
+    on it with the chunked loss switched on, AdamW, the precision, the data order and the
+    number of steps. Writes nothing."""
+    distributed, device = setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    # The chunked loss never builds the (batch, seq, vocab) logits. It is switched on here, on
+    # the model itself, before DDP or torch.compile wrap it; the state-dict keys stay the same.
+    model = use_chunked_loss(model).to(device)
+    amp_dtype = training_amp_dtype(args, device)
+    batches = EpochBatches(len(train_data), args.batch_size, args.seed, distributed.rank, distributed.world_size)
+    steps_per_epoch = batches.batches_per_epoch // args.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise DataError("fewer batches than --gradient_accumulation_steps: lower it or --batch_size")
+    total_steps = max(1, int(args.num_epochs * steps_per_epoch))
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    state = {"step": 0, "tokens": 0, "best_val_loss": math.inf, "evals_without_improvement": 0, "history": [],
+             "train_seconds": 0.0, "step_seconds": 0.0}
+    return Run(args=args, kind=kind, tokenizer=tokenizer, train_data=train_data, val_data=val_data, raw_model=model,
+               model=model, optimizer=make_optimizer(model, args), amp_dtype=amp_dtype,
+               # Only fp16 needs loss scaling (its range is narrow); bf16 and float32 run the scaler disabled.
+               scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+               batches=batches, total_steps=total_steps, dist=distributed, device=device, out=Path(args.output_dir),
+               state=state, token_bytes=token_byte_lengths(tokenizer))
+
+
+def log(run: Run, message: str) -> None:
+    """One line on the main process, above the progress bar."""
+    if run.dist.main:
+        tqdm.write(message)
+
+
+def resume(run: Run) -> None:
+    """Restore the run from its last.pth: weights, optimizer, scaler, data position, state and
+    RNG, after checking that the tokenizer and the model flags are the run's own."""
+    path = run.out / "last.pth"
+    payload = read_checkpoint(path)
+    metadata = payload["metadata"]
+    saved_tokenizer = BPETokenizer.from_json(payload["tokenizer"])
+    if saved_tokenizer.fingerprint() != run.tokenizer.fingerprint():
+        raise ValueError(f"--resume: {path} was trained with another tokenizer ({saved_tokenizer.vocab_size} tokens) "
+                         f"than --tokenizer_path gives ({run.tokenizer.vocab_size}); pass the run's own tokenizer")
+    if payload["config"] != run.raw_model.config.to_dict():
+        raise ValueError(f"--resume: the model flags differ from those of the run in {run.out}")
+    run.raw_model.load_state_dict(payload["model"])
+    run.optimizer.load_state_dict(metadata["optimizer"])
+    run.scaler.load_state_dict(metadata["scaler"])
+    run.batches.load_state_dict(metadata["data"])
+    run.state = metadata["state"]
+    torch.set_rng_state(metadata["rng"]["torch"])
+    if torch.cuda.is_available() and metadata["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state_all(metadata["rng"]["cuda"])
+    log(run, f"resumed from {path} at step {run.state['step']}")
+
+
+def claim_output_dir(run: Run, on_output_dir_ready: Callable[[Path], None] | None = None) -> None:
+    """Refuse to mix runs (an output dir with a run in it needs --resume or --overwrite),
+    resume, then write config.json, open TensorBoard and call on_output_dir_ready (on the
+    main process)."""
+    args, config_path = run.args, run.out / "config.json"
+    if config_path.exists() and not (args.resume or args.overwrite):
+        old = run_config(argparse.Namespace(**json.loads(config_path.read_text(encoding="utf-8"))))
+        differs = "a run with a different config" if old != run_config(args) else "a run already"
+        raise ValueError(f"{run.out} holds {differs}: pass --resume to continue it or --overwrite to start over "
+                         "(or choose another --output_dir)")
+    if args.resume:
+        if not (run.out / "last.pth").exists():
+            raise ValueError(f"--resume: no {run.out / 'last.pth'} to continue from")
+        resume(run)  # before anything is written, so a refused resume leaves the folder as it was
+    if run.dist.world_size > 1:
+        dist.barrier()  # every process has checked before the first one writes
+    if run.dist.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(json.dumps(vars(args), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        from torch.utils.tensorboard import SummaryWriter  # a slow import, only where it is used
+
+        # A resumed run drops the logged steps after last.pth, which it is about to redo.
+        run.writer = SummaryWriter(args.log_dir or str(run.out / "runs"),
+                                   purge_step=run.state["step"] if args.resume else None)
+        if on_output_dir_ready:
+            on_output_dir_ready(run.out)
+
+
+def save(run: Run, name: str, with_optimizer: bool = False) -> None:
+    """A checkpoint in the output dir (main process only); with_optimizer adds what --resume needs."""
+    if not run.dist.main:
+        return
+    metadata = {"kind": run.kind, "state": run.state, "history": run.state["history"], "step": run.state["step"],
+                "args": run_config(run.args)}
+    if with_optimizer:
+        metadata |= {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+                     "data": run.batches.state_dict(),
+                     "rng": {"torch": torch.get_rng_state(),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    save_checkpoint(run.out / name, run.raw_model, run.tokenizer, **metadata)
+
+
+# ------------------------------------------------------------------------ one step
+
+def train_step(run: Run) -> tuple[float, float]:
+    """One optimizer step over gradient_accumulation_steps micro-batches; returns (loss, the
+    gradient norm before clipping). A micro-batch's loss is the mean over its targets (those
+    not -100), so it is weighted by its share of the targets of the whole effective batch
+    (batch_size x accumulation x processes): the summed gradients are then those of the mean
+    loss over all of them, even when targets are uneven across micro-batches (chat trains on
+    assistant tokens only)."""
+    args, state = run.args, run.state
+    # Read the micro-batches first, to count their targets.
+    micro_batches = []
+    for _ in range(args.gradient_accumulation_steps):
+        indices = run.batches.next_indices()
+        if hasattr(run.train_data, "set_epoch"):  # TokenWindows cut the stream afresh each epoch
+            run.train_data.set_epoch(run.batches.epoch)
+        micro_batches.append(collate(run.train_data, indices))
+    counts = [int((targets != -100).sum()) for _, targets in micro_batches]
+    # DDP averages the processes' gradients, so a process's mean target count is the unit.
+    mean_count = max(run.dist.sum([float(sum(counts))], run.device)[0] / run.dist.world_size, 1.0)
+    total = 0.0
+    for micro, ((inputs, targets), count) in enumerate(zip(micro_batches, counts, strict=True)):
+        state["tokens"] += inputs.numel() * run.dist.world_size
+        inputs, targets = inputs.to(run.device), targets.to(run.device)  # (batch, block_size) each
+        # DDP syncs gradients on the last micro-batch only; the others accumulate locally.
+        sync = micro == len(micro_batches) - 1 or run.dist.world_size == 1
+        with contextlib.nullcontext() if sync else run.model.no_sync(), autocast(run.device, run.amp_dtype):
+            loss = run.model(inputs, targets=targets).loss * (count / mean_count)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"the loss became {loss.item()} at step {state['step'] + 1}; the last good "
+                                f"checkpoint is {run.out / 'last.pth'} (try a lower --learning_rate)")
+        run.scaler.scale(loss).backward()  # fp16: scaled up so small gradients do not underflow
+        total += loss.item()
+    # Clip the gradient norm (of the true, unscaled gradients); 0 turns clipping off.
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
+                                               args.grad_clip if args.grad_clip > 0 else math.inf)
+    if not torch.isfinite(grad_norm) and not run.scaler.is_enabled():  # (fp16's scaler skips such steps)
+        raise TrainingError(f"the gradient norm became {grad_norm.item()} at step {state['step'] + 1}; the "
+                            f"last good checkpoint is {run.out / 'last.pth'} (try a lower --learning_rate)")
+    # The schedule's learning rate for this step, then the update.
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(state["step"], args, run.total_steps)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    state["step"] += 1
+    return total, grad_norm.item()
+
+
+# ---------------------------------------------------------------------- evaluation
+
+def evaluate(run: Run, max_batches: int) -> dict:
+    """Validation metrics (evaluation.summarize_losses): this process's share of the first
+    max_batches batches (0: all), summed over all processes."""
+    batches = sequential_batches(len(run.val_data), run.args.batch_size)[run.dist.rank :: run.dist.world_size]
+    if max_batches:
+        batches = batches[:max_batches]
+    totals = loss_totals(run.raw_model, run.val_data, batches, run.device, run.amp_dtype, run.token_bytes)
+    return summarize_losses(*run.dist.sum(totals, run.device))
+
+
+def sample(run: Run, prompt_ids: Callable[[str], list[int]]) -> str:
+    """What the model writes after --sample_prompt (encoded by prompt_ids), seeded."""
+    eos = run.tokenizer.special_tokens.get(ENDOFTEXT)
+    (tokens,) = generate(run.raw_model, prompt_ids(run.args.sample_prompt), run.args.sample_tokens, temperature=0.8,
+                         top_p=0.95, eos_token_id=eos, bos_token_id=eos, seed=run.args.seed)
+    return run.tokenizer.decode(t for t in tokens if t != eos)
+
+
+def evaluation_says_stop(run: Run, train_loss: float, prompt_ids: Callable[[str], list[int]]) -> bool:
+    """Evaluate, log, keep the best model; True when patience has run out."""
+    args, state = run.args, run.state
+    metrics = evaluate(run, args.eval_batches)
+    if not math.isfinite(metrics["val_loss"]):
+        raise TrainingError(f"the validation loss became {metrics['val_loss']} at step {state['step']}; the last "
+                            f"good checkpoint is {run.out / 'last.pth'} (try a lower --learning_rate)")
+    record = {"step": state["step"], "tokens": state["tokens"], "train_loss": train_loss,
+              "lr": run.optimizer.param_groups[0]["lr"], "minutes": state["train_seconds"] / 60, **metrics}
+    state["history"].append(record)
+    improved = metrics["val_loss"] < state["best_val_loss"]
+    if improved:
+        state["best_val_loss"], state["evals_without_improvement"] = metrics["val_loss"], 0
+        save(run, "best_model.pth")
+    else:
+        state["evals_without_improvement"] += 1
+    story = sample(run, prompt_ids) if run.dist.main else ""
+    if run.writer:
+        for name in ("val_loss", "val_perplexity", "val_bits_per_byte"):
+            run.writer.add_scalar(f"val/{name[4:]}", metrics[name], state["step"])
+        run.writer.add_text("sample", f"{args.sample_prompt}{story}", state["step"])
+    log(run, f"step {state['step']}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
+             f"perplexity {metrics['val_perplexity']:.2f}, {metrics['val_bits_per_byte']:.4f} bits/byte"
+             f"{' (best)' if improved else ''}\n  sample: {(args.sample_prompt + story)[:300]!r}")
+    return bool(args.patience) and state["evals_without_improvement"] >= args.patience
+
+
+# ------------------------------------------------------------------------ the loop
+
+def request_stop(run: Run, signum: int, frame: object) -> None:
+    """The Ctrl-C and SIGTERM handler: the first asks the loop to save and stop after this
+    step; a second quits at once, without saving."""
+    if run.stop_requested:
+        raise KeyboardInterrupt
+    run.stop_requested = True
+    log(run, f"\n{signal.Signals(signum).name}: stopping after this step and saving {run.out / 'last.pth'} "
+             "(press Ctrl-C again to quit without saving)")
+
+
+@contextlib.contextmanager
+def first_step_must_fit(run: Run) -> Iterator[None]:
+    """Turn an out-of-memory error in the first step into a line that says which flag to lower."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err) or run.state["step"] > 0:
+            raise
+        raise TrainingError(f"the first batch does not fit in memory: lower --batch_size ({run.args.batch_size}) "
+                            "or --block_size, and raise --gradient_accumulation_steps to keep the effective "
+                            "batch") from None
+
+
+def log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_second: float,
+             flops_per_token: float) -> None:
+    """The progress bar's postfix and the step's TensorBoard scalars."""
+    lr = run.optimizer.param_groups[0]["lr"]
+    bar.update()
+    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+    if run.writer:
+        for tag, value in (("train/loss", loss), ("train/learning_rate", lr), ("train/grad_norm", grad_norm),
+                           ("train/tokens_per_second", tokens_per_second),
+                           ("train/model_tflops", flops_per_token * tokens_per_second / 1e12)):
+            run.writer.add_scalar(tag, value, run.state["step"])
+
+
+def finish(run: Run, reason: str) -> None:
+    """Save last.pth; an interrupted run stops there, saying how to resume (KeyboardInterrupt,
+    exit 130); any other writes final_model.pth, logs the summary and releases the best model."""
+    args, state = run.args, run.state
+    save(run, "last.pth", with_optimizer=True)
+    if reason == "interrupted":
+        raise KeyboardInterrupt(f"stopped at step {state['step']}; saved {run.out / 'last.pth'}. Continue with "
+                                f"the same command plus --resume")
+    save(run, "final_model.pth")
+    if run.writer:
+        run.writer.flush()
+    log(run, f"{reason} at step {state['step']} ({state['tokens']:,} tokens, {state['train_seconds'] / 60:.1f} min); "
+             f"best validation loss {state['best_val_loss']:.4f}")
+    if args.release_to and run.dist.main:
+        release(run.out / "best_model.pth", args.release_to)
+        log(run, f"released {args.release_to}")
+
+
+def wrap_model(run: Run) -> None:
+    """run.model becomes raw_model wrapped for several processes (DDP averages the gradients
+    across them) and, with --compile, compiled; in training mode. Done after a resume has
+    loaded the weights, since DDP copies rank 0's weights to the others when it wraps."""
+    if run.dist.world_size > 1:
+        run.model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if run.args.compile:
+        run.model = torch.compile(run.model)
+    run.model.train()
+
+
+def close(run: Run) -> None:
+    """Close TensorBoard and leave the process group, whichever way the run ended."""
+    if run.writer:
+        run.writer.close()
+    if run.dist.world_size > 1:
+        dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, model: TransformerLM, tokenizer: BPETokenizer, train_data: Dataset,
+          val_data: Dataset, kind: str = "pretraining", prompt_ids: Callable[[str], list[int]] | None = None,
+          on_output_dir_ready: Callable[[Path], None] | None = None) -> dict:
+    """Train model with the flags of add_training_args on train_data, evaluating on val_data
+    (items (inputs, targets) of one shape, targets -100 where the loss does not count);
+    returns the run's state (step, tokens, history, ...). Hooks for other scripts:
+    prompt_ids(text) encodes the sample prompt of each evaluation (default tokenizer.encode);
+    on_output_dir_ready(output_dir) runs on the main process once the output dir is claimed."""
+    # Setup: processes, device, optimizer, precision, schedule; claim (or resume) the output
+    # dir; then wrap the model for DDP and torch.compile.
+    run = start_run(args, model, tokenizer, train_data, val_data, kind)
+    claim_output_dir(run, on_output_dir_ready)
+    wrap_model(run)
+    prompt_ids, state = prompt_ids or tokenizer.encode, run.state
+    tokens_per_step = args.gradient_accumulation_steps * args.batch_size * run.dist.world_size * args.block_size
+    flops_per_token = estimate_flops_per_token(run.raw_model.config, args.block_size)
+    log(run, f"{kind}: {run.raw_model.num_parameters():,} parameters, {len(train_data):,} training windows, "
+             f"{run.total_steps:,} steps of {tokens_per_step:,} tokens, device {run.device}, "
+             f"precision {run.amp_dtype or torch.float32}")
+    handlers = {sig: signal.signal(sig, functools.partial(request_stop, run)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    started, seconds_before = time.perf_counter(), state["train_seconds"]
+    window_loss, window_steps, reason = 0.0, 0, "finished"
+    try:
+        with tqdm(total=run.total_steps, initial=state["step"], disable=not run.dist.main, unit="step",
+                  dynamic_ncols=True) as bar:
+            while state["step"] < run.total_steps:
+                # One optimizer step.
+                step_start = time.perf_counter()
+                with first_step_must_fit(run):
+                    loss, grad_norm = train_step(run)
+                seconds = time.perf_counter() - step_start
+                # Log: the run's clock (resumed parts included), the progress bar, TensorBoard.
+                state["step_seconds"] = state.get("step_seconds", 0.0) + seconds
+                state["train_seconds"] = seconds_before + time.perf_counter() - started
+                window_loss, window_steps = window_loss + loss, window_steps + 1
+                log_step(run, bar, loss, grad_norm, tokens_per_step / seconds, flops_per_token)
+                # Evaluate every eval_interval steps and at the end: keep the best model, stop
+                # early when patience has run out, else save last.pth to resume from.
+                if state["step"] % args.eval_interval == 0 or state["step"] == run.total_steps:
+                    if evaluation_says_stop(run, window_loss / window_steps, prompt_ids):
+                        reason = f"early stop: no improvement in {args.patience} evaluations"
+                        break
+                    window_loss, window_steps = 0.0, 0
+                    save(run, "last.pth", with_optimizer=True)
+                # Stop on Ctrl-C or SIGTERM, or at the time limit: every process at the same step.
+                stop = run.stop_requested or (args.max_time_minutes and state["train_seconds"]
+                                              > args.max_time_minutes * 60)
+                if run.dist.sum([float(bool(stop))], run.device)[0]:
+                    reason = "interrupted" if run.stop_requested else f"time limit ({args.max_time_minutes} min)"
+                    break
+        # Finish: last.pth (an interrupted run ends there), final_model.pth, the release.
+        finish(run, reason)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        close(run)
+    return state
