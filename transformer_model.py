@@ -22,8 +22,9 @@ The file reads top to bottom, each part using only what came before it:
 5. the model, TransformerLM, whose forward reads like the diagram above;
 6. checkpoints (one safe .pth file with config, weights, tokenizer) and FLOPs per token.
 
-The KV cache that attention writes into when decoding is in kv_cache.py, decoding in decoding.py, the optional speed paths (fast one-row products, the chunked
-loss, compiled decoding, int8) in speedups.py, GPT-2 interop in gpt2_interop.py.
+Elsewhere: the KV cache that attention writes into when decoding (kv_cache.py), decoding
+(decoding.py), the optional speed paths, switched on from outside: one-row products, the
+chunked loss, compiled decoding, int8 (speedups.py), and GPT-2 interop (gpt2_interop.py).
 """
 
 from __future__ import annotations

@@ -68,6 +68,8 @@ def main() -> None:
     results: dict[str, list[dict]] = {"base": [], "new": []}
     with tempfile.TemporaryDirectory() as scratch:
         base_tree = Path(scratch) / "base"
+        if (REPO.parent / "shared").exists():  # ../shared beside the base tree too, for benchmarks that read data
+            (Path(scratch) / "shared").symlink_to(REPO.parent / "shared")
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base_tree), args.base],
                        check=True, capture_output=True)
         try:
