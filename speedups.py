@@ -97,7 +97,7 @@ def few_row_pays(out_features: int, in_features: int, threads: int, repeats: int
         return False
     weight, bias, x = torch.randn(out_features, in_features), torch.randn(out_features), torch.randn(1, in_features)
 
-    def median_seconds(linear: Callable[..., torch.Tensor]) -> float:
+    def median_time(linear: Callable[..., torch.Tensor]) -> float:
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -105,8 +105,8 @@ def few_row_pays(out_features: int, in_features: int, threads: int, repeats: int
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    median_seconds(few_row_linear)  # a first, untimed round: allocations and thread start-up
-    return median_seconds(F.linear) >= MIN_SPEEDUP * median_seconds(few_row_linear)
+    median_time(few_row_linear)  # a first, untimed round: allocations and thread start-up
+    return median_time(F.linear) >= MIN_SPEEDUP * median_time(few_row_linear)
 
 
 class FewRowLinear(nn.Linear):

@@ -154,7 +154,6 @@ def test_fused_lm_loss_has_the_gradients_of_cross_entropy(autocast):
         torch.testing.assert_close(ours, theirs, **tolerance)
 
 
-
 def test_the_chunked_loss_head_trains_like_the_plain_one_without_logits():
     model = tiny_model(dropout=0.0).train()
     chunked = use_chunked_loss(copy.deepcopy(model))
