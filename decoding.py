@@ -86,9 +86,9 @@ def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None =
     (batch, vocab) -> (batch,). Tokens at -inf have probability 0 and are never drawn.
 
     This is what torch.multinomial(logits.softmax(-1), 1) does, written out because on a CPU
-    multinomial is much slower at this vocabulary size: 265 us against 31 us a draw at batch
-    1, and 7.8 ms against 0.13 ms at batch 16 (10,000 logits, median of 2,000 and 500 calls,
-    this project's 2-core test machine). The tests check the draws' frequencies."""
+    multinomial is much slower at this vocabulary size: 261 us against 31 us a draw at batch
+    1, and 3.8 ms against 0.14 ms at batch 16 (10,000 logits; benchmarks/bench_sampling.py,
+    results in benchmarks/RESULTS.md). The tests check the draws' frequencies."""
     cumulative = logits.softmax(dim=-1).cumsum(dim=-1)  # (batch, vocab)
     total = cumulative[:, -1:]
     below_total = torch.nextafter(total, torch.zeros_like(total))  # u stays strictly below the last step
