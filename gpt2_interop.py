@@ -101,6 +101,10 @@ def gpt2_incompatibilities(config: TransformerConfig) -> list[str]:
         problems.append("bias=False (GPT-2 has biases)")
     if not config.tie_word_embeddings:
         problems.append("tie_word_embeddings=False (GPT-2 ties its LM head to the embedding)")
+    if config.qk_norm:
+        problems.append("qk_norm=True (GPT-2 does not normalise queries and keys)")
+    if config.skip_weights:
+        problems.append("skip_weights=True (GPT-2's blocks read the residual stream alone)")
     return problems
 
 

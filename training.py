@@ -9,7 +9,9 @@ the learning-rate schedule. The chat script reuses the loop through two hooks of
 
 The file, top to bottom:
 - flags: add_training_args, check_training_args, run_config (the flags that define a run);
-- the recipe: lr_at (warm-up, then cosine, linear or no decay), make_optimizer (AdamW);
+- the recipe: schedule_progress (by steps, or by the clock with a time budget), lr_at
+  (warm-up, then cosine, linear, warmdown or no decay), CombinedOptimizer and make_optimizer
+  (AdamW, or Muon for the hidden matrices with AdamW for the rest);
 - processes: Distributed and setup_distributed (torchrun: DDP over NCCL or gloo);
 - the data order: EpochBatches (seeded, split across processes, resumable);
 - is_out_of_memory, release (a best model as a 16-bit released file);
@@ -50,6 +52,7 @@ from evaluation import collate, loss_totals, sequential_batches, summarize_losse
 from speedups import use_chunked_loss
 from tinystories_data import DataError
 from transformer_model import (
+    LMHead,
     TransformerLM,
     estimate_flops_per_token,
     load_checkpoint,
@@ -78,8 +81,12 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float = 3e
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
     group.add_argument("--learning_rate", type=float, default=learning_rate)
     group.add_argument("--min_lr", type=float, default=None, help="end of the decay (default: learning_rate / 10)")
-    group.add_argument("--lr_schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    group.add_argument("--lr_schedule", choices=["cosine", "linear", "constant", "warmdown"], default="cosine",
+                       help="warmdown: constant, then a linear decay over the last --warmdown_fraction of the run")
+    group.add_argument("--warmdown_fraction", type=float, default=0.45)
     group.add_argument("--warmup_steps", type=int, default=100)
+    group.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                       help="muon: torch.optim.Muon on the blocks' weight matrices, AdamW on the rest")
     group.add_argument("--weight_decay", type=float, default=0.1, help="on weight matrices only")
     group.add_argument("--beta1", type=float, default=0.9)
     group.add_argument("--beta2", type=float, default=0.95)
@@ -112,6 +119,8 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
             parser.error(f"--{name} must be at least 1")
     if args.learning_rate <= 0 or args.num_epochs <= 0:
         parser.error("--learning_rate and --num_epochs must be positive")
+    if not 0 < args.warmdown_fraction <= 1:
+        parser.error(f"--warmdown_fraction must be in (0, 1], not {args.warmdown_fraction}")
     if args.resume and args.overwrite:
         parser.error("give --resume or --overwrite, not both")
     if args.min_lr is None:
@@ -127,27 +136,82 @@ def run_config(args: argparse.Namespace) -> dict:
 
 # -------------------------------------------------------------------------- recipe
 
-def lr_at(step: int, args: argparse.Namespace, total_steps: int) -> float:
-    """Linear warm-up to learning_rate over warmup_steps, then cosine (or linear) decay to
-    min_lr at total_steps, or constant."""
+def schedule_progress(step: int, train_seconds: float, args: argparse.Namespace, total_steps: int) -> float:
+    """How far the decay is, from 0 (the end of warm-up) to 1: the share of the steps after
+    warm-up done, or, with --max_time_minutes, the share of the time used if that is further
+    along, so that the decay ends when the time budget does."""
+    steps = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+    clock = train_seconds / (60 * args.max_time_minutes) if args.max_time_minutes else 0.0
+    return min(1.0, max(steps, clock))
+
+
+def lr_at(step: int, args: argparse.Namespace, progress: float) -> float:
+    """Linear warm-up to learning_rate over warmup_steps, then, by the schedule's progress
+    (0 to 1): cosine or linear decay to min_lr; or constant; or warmdown, constant until the
+    last warmdown_fraction of the run and a linear decay to min_lr over it."""
     if step < args.warmup_steps:
         return args.learning_rate * (step + 1) / args.warmup_steps
     if args.lr_schedule == "constant":
         return args.learning_rate
-    progress = min(1.0, (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if args.lr_schedule == "cosine" else 1 - progress
+    if args.lr_schedule == "warmdown":
+        shape = min(1.0, (1 - progress) / args.warmdown_fraction)
+    else:
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if args.lr_schedule == "cosine" else 1 - progress
     return args.min_lr + (args.learning_rate - args.min_lr) * shape
 
 
-def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only: biases, LayerNorm gains and the
-    embedding tables (the tied LM head among them) are not decayed."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
-    no_decay = [p for p in model.parameters() if p.dim() < 2 or id(p) in embeddings]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+class CombinedOptimizer:
+    """Several optimizers stepped as one, each over its own parameters; what the loop needs
+    of an optimizer (param_groups, step, zero_grad, state_dict, load_state_dict), so the
+    schedule, the fp16 scaler and --resume treat them as one."""
+
+    def __init__(self, **optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The groups themselves, not copies, so that setting a group's lr sets it in its
+        optimizer; read afresh each time, as load_state_dict replaces them."""
+        return [group for optimizer in self.optimizers.values() for group in optimizer.param_groups]
+
+    def step(self, closure: Callable[[], float] | None = None) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state[name])
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer | CombinedOptimizer:
+    """AdamW with weight decay on the weight matrices of linear layers (and of an untied LM
+    head) only: biases, LayerNorm gains, the skip weights and the embedding tables (the tied
+    LM head among them) are not decayed. With --optimizer muon, torch's Muon takes the
+    blocks' weight matrices instead (Muon orthogonalises 2-D updates; it is not meant for
+    embeddings or the head), with the same learning rate and weight decay:
+    adjust_lr_fn="match_rms_adamw" scales its update to AdamW's size."""
+    matrices = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, LMHead))
+                and m.weight is not None}
+    decay = [p for p in model.parameters() if id(p) in matrices]
+    no_decay = [p for p in model.parameters() if id(p) not in matrices]
     fused = next(model.parameters()).device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.beta1, args.beta2), fused=fused)
+    if args.optimizer == "adamw":
+        groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.beta1, args.beta2), fused=fused)
+    hidden = {id(p) for p in model.blocks.parameters() if p.dim() == 2}
+    muon = torch.optim.Muon([p for p in decay if id(p) in hidden], lr=args.learning_rate,
+                            weight_decay=args.weight_decay, adjust_lr_fn="match_rms_adamw")
+    groups = [{"params": [p for p in decay if id(p) not in hidden], "weight_decay": args.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.beta1, args.beta2), fused=fused)
+    return CombinedOptimizer(muon=muon, adamw=adamw)
 
 
 # ----------------------------------------------------------------------- processes
@@ -254,7 +318,7 @@ class Run:
     val_data: Dataset
     raw_model: TransformerLM  # what is saved, evaluated and sampled
     model: torch.nn.Module  # what trains: raw_model, or raw_model wrapped by DDP or torch.compile
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | CombinedOptimizer
     amp_dtype: torch.dtype | None  # autocast dtype; None is float32
     scaler: torch.amp.GradScaler
     batches: EpochBatches
@@ -323,6 +387,9 @@ def resume(run: Run) -> None:
                          f"than --tokenizer_path gives ({run.tokenizer.vocab_size}); pass the run's own tokenizer")
     if payload["config"] != run.raw_model.config.to_dict():
         raise ValueError(f"--resume: the model flags differ from those of the run in {run.out}")
+    saved_optimizer = "muon" if set(metadata["optimizer"]) == {"muon", "adamw"} else "adamw"
+    if saved_optimizer != run.args.optimizer:
+        raise ValueError(f"--resume: the run in {run.out} trained with --optimizer {saved_optimizer}; pass that again")
     run.raw_model.load_state_dict(payload["model"])
     run.optimizer.load_state_dict(metadata["optimizer"])
     run.scaler.load_state_dict(metadata["scaler"])
@@ -417,8 +484,9 @@ def train_step(run: Run) -> tuple[float, float]:
         raise TrainingError(f"the gradient norm became {grad_norm.item()} at step {state['step'] + 1}; the "
                             f"last good checkpoint is {run.out / 'last.pth'} (try a lower --learning_rate)")
     # The schedule's learning rate for this step, then the update.
+    progress = schedule_progress(state["step"], state["train_seconds"], args, run.total_steps)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr_at(state["step"], args, run.total_steps)
+        group["lr"] = lr_at(state["step"], args, progress)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -585,19 +653,21 @@ def train(args: argparse.Namespace, model: TransformerLM, tokenizer: BPETokenize
                 state["train_seconds"] = seconds_before + time.perf_counter() - started
                 window_loss, window_steps = window_loss + loss, window_steps + 1
                 log_step(run, bar, loss, grad_norm, tokens_per_step / seconds, flops_per_token)
-                # Evaluate every eval_interval steps and at the end: keep the best model, stop
-                # early when patience has run out, else save last.pth to resume from.
-                if state["step"] % args.eval_interval == 0 or state["step"] == run.total_steps:
+                # Ctrl-C or SIGTERM, and the time limit: every process agrees on them at this step.
+                out_of_time = bool(args.max_time_minutes) and state["train_seconds"] > args.max_time_minutes * 60
+                interrupted, out_of_time = (flag > 0 for flag in run.dist.sum(
+                    [float(run.stop_requested), float(out_of_time)], run.device))
+                # Evaluate every eval_interval steps and at the end (the last step or the time
+                # limit): keep the best model, stop early when patience has run out, else save
+                # last.pth to resume from.
+                if state["step"] % args.eval_interval == 0 or state["step"] == run.total_steps or out_of_time:
                     if evaluation_says_stop(run, window_loss / window_steps, prompt_ids):
                         reason = f"early stop: no improvement in {args.patience} evaluations"
                         break
                     window_loss, window_steps = 0.0, 0
                     save(run, "last.pth", with_optimizer=True)
-                # Stop on Ctrl-C or SIGTERM, or at the time limit: every process at the same step.
-                stop = run.stop_requested or (args.max_time_minutes and state["train_seconds"]
-                                              > args.max_time_minutes * 60)
-                if run.dist.sum([float(bool(stop))], run.device)[0]:
-                    reason = "interrupted" if run.stop_requested else f"time limit ({args.max_time_minutes} min)"
+                if interrupted or out_of_time:
+                    reason = "interrupted" if interrupted else f"time limit ({args.max_time_minutes} min)"
                     break
         # Finish: last.pth (an interrupted run ends there), final_model.pth, the release.
         finish(run, reason)

@@ -45,7 +45,7 @@ from kv_cache import KVCache
 
 POSITION_EMBEDDINGS = ("sinusoidal", "learned", "rope", "alibi", "none")
 NORM_POSITIONS = ("pre", "post")
-ACTIVATIONS = ("gelu", "gelu_tanh")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu2")
 ATTENTION_IMPLS = ("sdpa", "manual")
 
 
@@ -57,7 +57,13 @@ class TransformerConfig:
     attention; position_embedding "none" (no positions at all, NoPE) is there for ablations.
     dropout applies to the embeddings and to what each sub-layer adds to the residual
     stream; attention_dropout to the attention weights, off by default because it forces
-    the unfused attention path (about half the training speed on a CPU here)."""
+    the unfused attention path (about half the training speed on a CPU here).
+
+    activation "relu2" is relu(x)^2. qk_norm RMS-normalises each head's queries and keys
+    (no learned gain), which bounds the attention logits. zero_init_projections starts the
+    projections that write into the residual stream at zero, so each block starts as the
+    identity. skip_weights gives each block two learned scalars, x <- a * x + b * x0, where
+    x0 is the embedded input (a = 1, b = 0 at the start)."""
 
     vocab_size: int = 10000
     hidden_size: int = 256
@@ -77,6 +83,11 @@ class TransformerConfig:
     attention_impl: str = "sdpa"
     rope_theta: float = 10000.0
     initializer_range: float = 0.02
+    # Switches from modded-nanogpt and nanochat, off by default (the seed's model); see
+    # benchmarks/RESULTS.md for what each is worth on this data.
+    qk_norm: bool = False
+    zero_init_projections: bool = False
+    skip_weights: bool = False
 
     def __post_init__(self):
         if self.window_size == 0:
@@ -298,6 +309,9 @@ class MultiHeadAttention(nn.Module):
         # Queries, keys and values of every head from one matrix product.
         qkv = self.qkv(x).view(batch, seq, 3, self.num_heads, hidden // self.num_heads)  # (batch, seq, 3, heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # three of (batch, heads, seq, head_dim)
+        # QK-norm: every query and key scaled to unit RMS, so no score can grow without bound.
+        if self.config.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         # RoPE turns position into a rotation of queries and keys.
         if inputs.rope is not None:
             q, k = apply_rope(q, *inputs.rope), apply_rope(k, *inputs.rope)
@@ -341,20 +355,33 @@ ATTENTION_CLASSES = {"manual": MultiHeadAttention, "sdpa": FusedAttention}  # by
 
 # --------------------------------------------------------- 4. feed-forward, block, head
 
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 (Primer; modded-nanogpt and nanochat use it in place of GELU)."""
+    return F.relu(x).square()
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU, the tanh approximation (the only form llama.cpp has)."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATION_FUNCTIONS = {"gelu": F.gelu, "gelu_tanh": gelu_tanh, "relu2": relu_squared}  # by config.activation
+
+
 class FeedForward(nn.Module):
-    """Position-wise MLP: hidden -> intermediate -> GELU -> hidden."""
+    """Position-wise MLP: hidden -> intermediate -> activation (GELU by default) -> hidden."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.bias)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
         self.fc2.is_residual_projection = True
-        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+        self.activation = ACTIVATION_FUNCTIONS[config.activation]
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (batch, seq, hidden) -> (batch, seq, intermediate) -> (batch, seq, hidden)
-        return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate=self.approximate)))
+        return self.dropout(self.fc2(self.activation(self.fc1(x))))
 
 
 class TransformerBlock(nn.Module):
@@ -447,6 +474,9 @@ class TransformerLM(nn.Module):
             self.register_buffer("alibi_slopes", alibi_slopes(config.num_attention_heads), persistent=False)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_hidden_layers))
+        # skip_weights: (a, b) per block, for x <- a * x + b * x0; they start as (1, 0), the plain model.
+        skips = torch.tensor([[1.0, 0.0]] * config.num_hidden_layers) if config.skip_weights else None
+        self.register_parameter("skip_weights", None if skips is None else nn.Parameter(skips))
         # Post-norm blocks already end in a LayerNorm; pre-norm needs one before the head.
         self.final_norm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
                            if config.norm_position == "pre" else nn.Identity())
@@ -456,11 +486,11 @@ class TransformerLM(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2's initialisation: N(0, 0.02) weights, zero biases, and the projections that
         write into the residual stream scaled down by sqrt(2 * layers), so the stream's
-        variance does not grow with depth."""
+        variance does not grow with depth (or zero, with zero_init_projections)."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             if getattr(module, "is_residual_projection", False):
-                std /= math.sqrt(2 * self.config.num_hidden_layers)
+                std = 0.0 if self.config.zero_init_projections else std / math.sqrt(2 * self.config.num_hidden_layers)
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -514,8 +544,10 @@ class TransformerLM(nn.Module):
         # Embed the tokens (and absolute positions), and make what each attention needs.
         x, inputs = self.embed(input_ids, cache, attention_mask, output_attentions)  # (batch, seq, hidden)
         # The blocks, each reading the residual stream x and adding to it.
-        attentions = []
-        for block in self.blocks:
+        attentions, x0 = [], x
+        for index, block in enumerate(self.blocks):
+            if self.skip_weights is not None:  # each block reads a learned mix of the stream and the input
+                x = self.skip_weights[index, 0] * x + self.skip_weights[index, 1] * x0
             x, weights = block(x, inputs, cache, output_attentions)  # (batch, seq, hidden)
             attentions.append(weights)
         x = self.final_norm(x)

@@ -19,7 +19,7 @@ from decoding import (
     stream,
 )
 from gpt2_interop import to_hf_gpt2
-from test_transformer_model import VOCAB, tiny_model, tokenizer_of_size
+from test_transformer_model import SWITCHES, VOCAB, switch_ids, switched_model, tiny_model, tokenizer_of_size
 from transformer_model import TransformerConfig, TransformerLM
 
 EOS = 7
@@ -52,6 +52,16 @@ def test_greedy_equals_an_argmax_loop_that_recomputes_everything(position_embedd
     expected = argmax_without_cache(model, prompt, 25)
     assert generate(model, prompt, 25, do_sample=False) == [expected]
     assert generate_without_cache(model, prompt, 25, temperature=0) == expected
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=switch_ids)
+def test_with_each_switch_greedy_and_one_beam_equal_the_argmax_loop(switches):
+    model = switched_model(position_embedding="rope", window_size=6, **switches)
+    prompt = [5, 17, 42, 99, 3]
+    expected = argmax_without_cache(model, prompt, 20)
+    assert generate(model, prompt, 20, do_sample=False) == [expected]
+    (tokens, _), = beam_search(model, prompt, num_beams=1, max_new_tokens=20)
+    assert tokens == expected
 
 
 @pytest.mark.parametrize("position_embedding, window", [("rope", 6), ("sinusoidal", None), ("alibi", 4), ("learned", None)])

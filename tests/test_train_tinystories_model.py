@@ -2,6 +2,7 @@
 a tiny model: the loop, exact resume, accumulation, caching, early stopping, DDP on CPU,
 TensorBoard, and bad input."""
 
+import argparse
 import json
 import random
 import signal
@@ -21,7 +22,7 @@ from speedups import ChunkedLossLMHead
 from tinystories_data import TokenWindows, hold_out, load_stories, load_train_and_validation
 from train_tinystories_model import main
 from training import EpochBatches, TrainingError
-from transformer_model import load_checkpoint, read_checkpoint
+from transformer_model import TransformerConfig, TransformerLM, load_checkpoint, read_checkpoint
 
 TINY_MODEL = ["--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "4",
               "--intermediate_size", "64", "--max_position_embeddings", "64", "--window_size", "16"]
@@ -62,8 +63,9 @@ def test_loss_falls_and_every_file_appears(corpus, tmp_path):
     assert {"step", "tokens", "train_loss", "val_loss", "val_bits_per_byte", "lr"} <= metadata["history"][0].keys()
 
 
-def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(corpus, tmp_path, monkeypatch):
-    args = ("--max_steps", "24", "--dropout", "0.1")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(corpus, tmp_path, monkeypatch, optimizer):
+    args = ("--max_steps", "24", "--dropout", "0.1", "--optimizer", optimizer)
     main(train_args(corpus, tmp_path / "straight", *args))
     original_step = training.train_step
 
@@ -102,6 +104,51 @@ def test_the_time_limit_counts_the_whole_run_resumes_included(corpus, tmp_path, 
     state = main([*args, "--resume"])
     assert 0 < first_part < 300 < state["train_seconds"]
     assert state["train_seconds"] - first_part < 300  # the resumed part had only what the first left
+
+
+def test_a_run_stopped_by_its_time_limit_is_evaluated_at_its_last_step(corpus, tmp_path, monkeypatch):
+    clock = iter(range(0, 10**6, 10))  # every reading 10 s after the last: about 20 s a step
+    monkeypatch.setattr(training, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: next(clock))}))
+    state = main(train_args(corpus, tmp_path / "run", "--max_steps", "1000", "--max_time_minutes", "2",
+                            "--eval_interval", "4"))
+    assert state["step"] < 10 and state["step"] % 4 != 0
+    assert state["history"][-1]["step"] == state["step"]
+
+
+def test_muon_takes_the_blocks_weight_matrices_and_adamw_the_rest():
+    model = TransformerLM(TransformerConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=32, skip_weights=True))
+    args = argparse.Namespace(optimizer="muon", learning_rate=1e-3, weight_decay=0.5, beta1=0.9, beta2=0.95)
+    optimizer = training.make_optimizer(model, args)
+    muon, adamw = optimizer.optimizers["muon"], optimizer.optimizers["adamw"]
+    names = {id(p): name for name, p in model.named_parameters()}
+    in_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    assert in_muon == {name for name, p in model.blocks.named_parameters(prefix="blocks") if p.dim() == 2}
+    decayed = {names[id(p)] for group in adamw.param_groups if group["weight_decay"] for p in group["params"]}
+    assert decayed == set() and muon.param_groups[0]["weight_decay"] == 0.5
+    in_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
+    assert in_muon | in_adamw == set(names.values()) and not in_muon & in_adamw
+    assert len(optimizer.param_groups) == 3  # the schedule sets the learning rate of all of them
+
+
+def test_schedules_warm_up_then_decay_by_steps_or_by_the_clock():
+    args = argparse.Namespace(learning_rate=1.0, min_lr=0.0, warmup_steps=10, warmdown_fraction=0.4,
+                              lr_schedule="warmdown", max_time_minutes=0)
+    assert training.lr_at(4, args, 0.0) == 0.5
+    progress = [training.schedule_progress(step, 0.0, args, 110) for step in (10, 50, 70, 90, 110)]
+    assert progress == [0.0, 0.4, 0.6, 0.8, 1.0]
+    assert [training.lr_at(10, args, p) for p in progress] == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.0])
+    args.lr_schedule = "cosine"
+    assert [training.lr_at(10, args, p) for p in (0.0, 0.5, 1.0)] == pytest.approx([1.0, 0.5, 0.0])
+    args.max_time_minutes = 10  # a time budget: the decay ends with it if that comes first
+    assert training.schedule_progress(20, 300.0, args, 110) == 0.5
+    assert training.schedule_progress(100, 300.0, args, 110) == 0.9
+
+
+def test_resuming_with_another_optimizer_is_refused(corpus, tmp_path):
+    main(train_args(corpus, tmp_path / "run", "--max_steps", "2", "--optimizer", "muon"))
+    with pytest.raises(ValueError, match="--optimizer muon"):
+        main(train_args(corpus, tmp_path / "run", "--max_steps", "4", "--resume"))
 
 
 def test_gradient_accumulation_equals_one_big_batch(corpus, tmp_path):

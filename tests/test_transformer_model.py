@@ -4,6 +4,7 @@ checkpoints against every way a file can be wrong."""
 
 import dataclasses
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from gpt2_interop import to_hf_gpt2
 from transformer_model import (
     POSITION_EMBEDDINGS,
     CheckpointError,
+    FeedForward,
     FusedAttention,
     MultiHeadAttention,
     TransformerConfig,
@@ -49,6 +51,22 @@ def random_ids(batch=2, seq=20, seed=1):
 
 SCHEMES = list(itertools.product(POSITION_EMBEDDINGS, [None, 4]))
 scheme_ids = [f"{p}-window{w}" for p, w in SCHEMES]
+
+# The architecture switches (off by default), one at a time and all together.
+SWITCHES = [dict(qk_norm=True), dict(activation="relu2"), dict(skip_weights=True), dict(zero_init_projections=True),
+            dict(qk_norm=True, activation="relu2", skip_weights=True, zero_init_projections=True)]
+switch_ids = ["qk_norm", "relu2", "skip_weights", "zero_init_projections", "all"]
+
+
+def switched_model(**overrides) -> TransformerLM:
+    """A tiny model with switches on and every weight moved off its initial value, so that
+    zero-initialised projections and (1, 0) skip weights do not hide anything."""
+    model = tiny_model(**overrides)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model
 
 
 def tokenizer_of_size(vocab_size: int) -> BPETokenizer:
@@ -193,6 +211,66 @@ def test_attention_weights_are_returned_per_layer_and_show_the_window():
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 10))
 
 
+# ---------------------------------------------------------- switches (qk_norm, ...)
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=switch_ids)
+@pytest.mark.parametrize("position_embedding, window", [("rope", 4), ("alibi", None), ("learned", 8)])
+def test_each_switch_keeps_written_out_equal_to_fused_and_the_cache_equal_to_a_full_forward(
+        switches, position_embedding, window):
+    model = switched_model(position_embedding=position_embedding, window_size=window, **switches)
+    manual = TransformerLM(dataclasses.replace(model.config, attention_impl="manual")).eval()
+    manual.load_state_dict(model.state_dict())
+    ids = random_ids(2, 20)
+    full = model(ids).logits
+    torch.testing.assert_close(manual(ids).logits, full, atol=1e-5, rtol=1e-5)
+    cache = model.new_cache(2)
+    chunks = [model(ids[:, a:b], past_key_values=cache).logits for a, b in ((0, 7), (7, 8), (8, 20))]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+    def logits_with_queries_and_keys_scaled(model, factor):
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attention.qkv.weight[: 2 * 32] *= factor  # the query and key rows
+                block.attention.qkv.bias[: 2 * 32] *= factor
+        return model(random_ids()).logits
+
+    for qk_norm, same in ((True, True), (False, False)):
+        plain = tiny_model(qk_norm=qk_norm, position_embedding="rope")(random_ids()).logits
+        scaled = logits_with_queries_and_keys_scaled(tiny_model(qk_norm=qk_norm, position_embedding="rope"), 10.0)
+        assert torch.allclose(plain, scaled, atol=1e-4) == same
+
+
+def test_relu2_is_relu_squared_between_the_two_layers():
+    feed_forward = FeedForward(tiny_config(activation="relu2"))
+    x = torch.randn(2, 5, 32)
+    expected = feed_forward.fc2(F.relu(feed_forward.fc1(x)) ** 2)
+    torch.testing.assert_close(feed_forward(x), expected)
+
+
+def test_zero_initialised_projections_start_every_block_as_the_identity():
+    model = tiny_model(zero_init_projections=True)
+    for block in model.blocks:
+        assert not block.attention.proj.weight.any() and not block.feed_forward.fc2.weight.any()
+    ids = random_ids()
+    x = model.embed_tokens(ids) * math.sqrt(32) + model.sinusoidal_table[: ids.size(1)]
+    torch.testing.assert_close(model(ids).logits, model.final_norm(x) @ model.embed_tokens.weight.T)
+
+
+def test_skip_weights_start_as_the_plain_model_and_mix_in_the_embedded_input():
+    with_skips = switched_model(skip_weights=True)
+    plain = tiny_model()
+    plain.load_state_dict({k: v for k, v in with_skips.state_dict().items() if k != "skip_weights"})
+    ids = random_ids()
+    with torch.no_grad():
+        with_skips.skip_weights.copy_(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+        torch.testing.assert_close(with_skips(ids).logits, plain(ids).logits)
+        with_skips.skip_weights[1, 1] = 0.5
+    assert not torch.allclose(with_skips(ids).logits, plain(ids).logits)
+    assert TransformerLM(tiny_config(skip_weights=True)).skip_weights.tolist() == [[1.0, 0.0], [1.0, 0.0]]
+
+
 # ------------------------------------------------------------------------ KV cache
 
 @pytest.mark.parametrize("position_embedding, window", SCHEMES, ids=scheme_ids)
@@ -266,7 +344,8 @@ def test_loss_is_cross_entropy_ignoring_minus_100_in_training_and_in_evaluation(
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(norm_position="post", position_embedding="learned"),
-                                       dict(tie_word_embeddings=False, position_embedding="rope")])
+                                       dict(tie_word_embeddings=False, position_embedding="rope"),
+                                       dict(qk_norm=True, activation="relu2", skip_weights=True)])
 def test_gradient_reaches_every_parameter(overrides):
     model = tiny_model(**overrides).train()
     model(random_ids(), targets=random_ids(seed=6)).loss.backward()
@@ -419,3 +498,5 @@ def test_a_gpt2_shaped_model_gives_the_logits_of_hugging_face_gpt2():
 def test_other_configs_cannot_become_gpt2_and_say_why():
     with pytest.raises(ValueError, match=r"position_embedding='rope'.*window_size=4.*activation='gelu'"):
         to_hf_gpt2(tiny_model(position_embedding="rope", window_size=4))
+    with pytest.raises(ValueError, match=r"activation='relu2'.*qk_norm=True.*skip_weights=True"):
+        to_hf_gpt2(tiny_model(position_embedding="learned", activation="relu2", qk_norm=True, skip_weights=True))
