@@ -7,8 +7,8 @@
     torchrun --nproc_per_node=4 train_tinystories_model.py --dataset ...             # several GPUs/nodes
 
 Stories are encoded once with the tokenizer (--tokenizer_path, from train_bpe_tokenizer_hf.py)
-and cached; the model trains on windows of --block_size tokens with AdamW, warm-up and cosine
-decay, gradient clipping, mixed precision and gradient accumulation; it is evaluated every
+and cached; the model trains on windows of --block_size tokens with AdamW (or --optimizer
+muon), warm-up and cosine decay (or --lr_schedule warmdown, ...), gradient clipping, mixed precision and gradient accumulation; it is evaluated every
 --eval_interval steps (loss, perplexity, bits per byte) and stops early when validation stops
 improving. --output_dir receives best_model.pth, final_model.pth, last.pth (for --resume),
 config.json and TensorBoard logs.

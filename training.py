@@ -19,8 +19,8 @@ The file, top to bottom:
   save;
 - one step: train_step;
 - evaluation: evaluate, sample, evaluation_says_stop;
-- the loop: request_stop (Ctrl-C), first_step_must_fit, log_step, finish, wrap_model, close,
-  and train.
+- the loop: request_stop (Ctrl-C), first_step_must_fit, stop_signals, log_step, finish,
+  wrap_model, close, and train.
 
 Every run writes best_model.pth, final_model.pth, last.pth (with the optimizer, scaler, data
 position and RNG states, so --resume continues exactly), config.json and TensorBoard logs.
@@ -566,6 +566,15 @@ def first_step_must_fit(run: Run) -> Iterator[None]:
                             "batch") from None
 
 
+def stop_signals(run: Run) -> tuple[bool, bool]:
+    """(interrupted, out of time): Ctrl-C or SIGTERM, and the time limit, agreed on by every
+    process, so that all of them stop at the same step."""
+    limit = run.args.max_time_minutes * 60
+    out_of_time = bool(limit) and run.state["train_seconds"] > limit
+    interrupted, out_of_time = run.dist.sum([float(run.stop_requested), float(out_of_time)], run.device)
+    return interrupted > 0, out_of_time > 0
+
+
 def log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_second: float,
              flops_per_token: float) -> None:
     """The progress bar's postfix and the step's TensorBoard scalars."""
@@ -653,10 +662,7 @@ def train(args: argparse.Namespace, model: TransformerLM, tokenizer: BPETokenize
                 state["train_seconds"] = seconds_before + time.perf_counter() - started
                 window_loss, window_steps = window_loss + loss, window_steps + 1
                 log_step(run, bar, loss, grad_norm, tokens_per_step / seconds, flops_per_token)
-                # Ctrl-C or SIGTERM, and the time limit: every process agrees on them at this step.
-                out_of_time = bool(args.max_time_minutes) and state["train_seconds"] > args.max_time_minutes * 60
-                interrupted, out_of_time = (flag > 0 for flag in run.dist.sum(
-                    [float(run.stop_requested), float(out_of_time)], run.device))
+                interrupted, out_of_time = stop_signals(run)
                 # Evaluate every eval_interval steps and at the end (the last step or the time
                 # limit): keep the best model, stop early when patience has run out, else save
                 # last.pth to resume from.
@@ -666,6 +672,9 @@ def train(args: argparse.Namespace, model: TransformerLM, tokenizer: BPETokenize
                         break
                     window_loss, window_steps = 0.0, 0
                     save(run, "last.pth", with_optimizer=True)
+                    # The evaluation counts against the time limit: if it used up the rest, stop here.
+                    state["train_seconds"] = seconds_before + time.perf_counter() - started
+                    interrupted, out_of_time = stop_signals(run)
                 if interrupted or out_of_time:
                     reason = "interrupted" if interrupted else f"time limit ({args.max_time_minutes} min)"
                     break

@@ -11,6 +11,9 @@ The model maps token ids (batch, seq) to next-token logits (batch, seq, vocab):
 Attention is causal (a token sees itself and earlier tokens) and optionally local: with
 window_size w, query i sees key j only if i - w < j <= i. Relative position schemes act
 inside attention: RoPE rotates queries and keys, ALiBi adds a distance penalty to the scores.
+Four switches from modded-nanogpt and nanochat, off by default, change the diagram in small
+places: QK-norm inside attention, ReLU² in the MLP, zero-initialised residual projections,
+and per-block skip weights that mix the embedded input x0 back into x (TransformerConfig).
 
 The file reads top to bottom, each part using only what came before it:
 1. configuration: TransformerConfig;

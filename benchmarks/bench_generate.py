@@ -1,6 +1,7 @@
 """Generation speed: our KV-cache decoding against Hugging Face generate, same weights.
 
     python benchmarks/bench_generate.py --repeats 3 [--device cuda]
+    python benchmarks/bench_generate.py --quality_only --quality_checkpoint pretrained/tinystories_base.pth
 
 A GPT-2-shaped configuration of the default size (learned positions, full attention,
 gelu_tanh; 5.85M parameters) is copied into transformers.GPT2LMHeadModel with to_hf_gpt2, so
@@ -16,7 +17,8 @@ filter_top_p_fast. On a CPU, then each linear layer of a decoding step timed alo
 against few_row_linear's batched path (forced, also where few_row_blocks or few_row_pays keep
 a layer on F.linear), and the share of a float32 greedy run's operator time spent
 in matrix multiplications, from torch.profiler. The compute limit is the matmul peak measured
-in the same run over 2 x parameters FLOPs per token.
+in the same run over 2 x parameters FLOPs per token. With --quality_checkpoint, what
+--quantize int8 costs that model in quality (--quality_only: that alone).
 """
 
 from __future__ import annotations
@@ -201,8 +203,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--quality_checkpoint", default=None, help="also measure int8's quality on this model")
     parser.add_argument("--quality_data", default="../shared/data", help="its validation split is scored")
+    parser.add_argument("--quality_only", action="store_true", help="measure int8's quality only, not the speeds")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.quality_only:
+        int8_quality(args.quality_checkpoint or "pretrained/tinystories_base.pth", args.quality_data)
+        return
     torch.manual_seed(0)
     device = torch.device(args.device)
     config, ours, prompt, cases = decoding_cases(device)

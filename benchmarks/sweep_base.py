@@ -36,11 +36,12 @@ RUNS: dict[str, tuple[str | None, list[str]]] = {
     "baseline": (None, []),
     "muon": ("baseline", ["--optimizer", "muon"]),
     "warmdown": ("muon", ["--lr_schedule", "warmdown", "--min_lr", "0"]),
-    "qk_norm": ("warmdown", ["--qk_norm", "--zero_init_projections"]),
-    "relu2": ("qk_norm", ["--activation", "relu2"]),
-    "skip_weights": ("relu2", ["--skip_weights"]),
-    "wd_1": ("skip_weights", ["--weight_decay", "1.0"]),
-    "lr_2e-3": ("wd_1", ["--learning_rate", "2e-3"]),
+    "muon_lr_3e-3": ("warmdown", ["--learning_rate", "3e-3"]),
+    "adamw_warmdown": ("baseline", ["--lr_schedule", "warmdown", "--min_lr", "0"]),
+    "adamw_lr_3e-3": ("adamw_warmdown", ["--learning_rate", "3e-3"]),
+    "qk_norm": ("muon_lr_3e-3", ["--qk_norm", "--zero_init_projections"]),
+    "relu2_skips": ("qk_norm", ["--activation", "relu2", "--skip_weights"]),
+    "wd_1": ("relu2_skips", ["--weight_decay", "1.0"]),
 }
 
 
@@ -144,7 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
         run_one(name, options, work)
     # The report holds every finished run, from this call or an earlier one, in RUNS's order.
     results = {name: saved for name in RUNS if (saved := saved_result(name, options, work)) is not None}
-    command = " ".join(["python benchmarks/sweep_base.py", *(argv if argv is not None else sys.argv[1:])])
+    # The command that gives this report: without --runs, which only picks what to train now.
+    given = argv if argv is not None else sys.argv[1:]
+    kept = [arg for i, arg in enumerate(given) if arg != "--runs" and (i == 0 or given[i - 1] != "--runs")]
+    command = " ".join(["python benchmarks/sweep_base.py", *kept])
     header = (f"Sweep: `{command}`; {options.minutes} minutes per run, base flags `{' '.join(BASE)}`, "
               f"data {options.dataset}, seed {options.seed}; {machine_line()}")
     write_report(results, Path(options.out), header)
