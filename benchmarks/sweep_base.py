@@ -5,7 +5,7 @@ equal wall time per run on this machine.
     python benchmarks/sweep_base.py --minutes 8 --runs baseline,muon   # some runs only
 
 Every run goes through train_tinystories_model.main (the real training loop) with the
-released model's recipe (BASE) plus its own flags, for --minutes of wall time (evaluations
+recipe of the release before it (BASE) plus its own flags, for --minutes of wall time (evaluations
 included); the learning-rate decay follows the clock, so every schedule ends with the time
 budget. Each run is evaluated on the whole validation file every --eval_interval steps and at
 its time limit, and early-stopped after --patience evaluations without improvement; its
@@ -27,7 +27,7 @@ from pathlib import Path
 from bench_utils import REPO, SHARED_DATA, machine_line
 from train_tinystories_model import main as train  # the script's whole run, as a function of its flags
 
-# The released model's recipe (RESULTS.md), with warm-up scaled to a short run.
+# The recipe of the release before the sweep (RESULTS.md), with warm-up scaled to a short run.
 BASE = ["--position_embedding", "rope", "--batch_size", "16", "--learning_rate", "1e-3", "--dropout", "0.1",
         "--attention_dropout", "0", "--weight_decay", "0.1", "--warmup_steps", "30", "--num_epochs", "1000"]
 

@@ -31,7 +31,7 @@ def test_a_ladder_of_two_runs_then_a_call_that_redoes_nothing(sweep_args, tmp_pa
     change = results["muon"]["val_bits_per_byte"] - results["baseline"]["val_bits_per_byte"]
     assert f"| {results['muon']['val_bits_per_byte']:.4f} | {change:+.4f} |" in table
     for result in results.values():
-        assert result["minutes"] >= 0.03 and result["history"][-1]["minutes"] == pytest.approx(result["minutes"])
+        assert result["minutes"] >= 0.03 and result["history"][-1]["minutes"] <= result["minutes"]
         assert result["val_bits_per_byte"] == min(h["val_bits_per_byte"] for h in result["history"])
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
     assert (tmp_path / "out" / "curves.png").stat().st_size > 0
