@@ -201,16 +201,15 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.op
                 and m.weight is not None}
     decay = [p for p in model.parameters() if id(p) in matrices]
     no_decay = [p for p in model.parameters() if id(p) not in matrices]
-    fused = next(model.parameters()).device.type in ("cuda", "cpu")
-    if args.optimizer == "adamw":
-        groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.beta1, args.beta2), fused=fused)
-    hidden = {id(p) for p in model.blocks.parameters() if p.dim() == 2}
-    muon = torch.optim.Muon([p for p in decay if id(p) in hidden], lr=args.learning_rate,
-                            weight_decay=args.weight_decay, adjust_lr_fn="match_rms_adamw")
+    hidden = {id(p) for p in model.blocks.parameters() if p.dim() == 2} if args.optimizer == "muon" else set()
     groups = [{"params": [p for p in decay if id(p) not in hidden], "weight_decay": args.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    fused = next(model.parameters()).device.type in ("cuda", "cpu")
     adamw = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.beta1, args.beta2), fused=fused)
+    if not hidden:
+        return adamw
+    muon = torch.optim.Muon([p for p in decay if id(p) in hidden], lr=args.learning_rate,
+                            weight_decay=args.weight_decay, adjust_lr_fn="match_rms_adamw")
     return CombinedOptimizer(muon=muon, adamw=adamw)
 
 
