@@ -22,7 +22,8 @@ import torch
 
 from bpe_tokenizer import ENDOFTEXT, BPETokenizer
 from common import run_script
-from decoding import LanguageModel, check_sampling, stream
+from decoding import LanguageModel, check_sampling, constrained_beam_search, split_words, stream, word_spellings
+from request_following import CHAT_MAX_NEW_TOKENS, CHAT_SAMPLING
 from speedups import filter_top_p_fast, use_few_row_linear
 from tinystories_data import fit_conversation
 from transformer_model import TransformerConfig, load_checkpoint
@@ -33,22 +34,23 @@ HELP = """commands:
   /reset                forget the conversation (the system prompt stays)
   /system TEXT          set the system prompt (empty TEXT removes it)
   /set NAME VALUE       temperature, top_k, top_p, max_new_tokens, repetition_penalty or seed
+  /force WORDS          the next reply must use these words (a beam search, printed when done)
   /history              show the conversation
   /save FILE            write the conversation as JSON ({"messages": [...]})
   /quit                 leave (Ctrl-D works too); Ctrl-C stops a reply"""
 SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "max_new_tokens": int,
             "repetition_penalty": float, "seed": int}
+FORCE_BEAMS = 4  # beams for a /force reply
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", default=DEFAULT_MODEL, help="default: the released pretrained/tinystories_chat.pth")
     parser.add_argument("--system", default=None, help="a system prompt for the whole conversation")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top_k", type=int, default=0)
-    parser.add_argument("--top_p", type=float, default=0.95)
-    parser.add_argument("--repetition_penalty", type=float, default=1.0)
-    parser.add_argument("--max_new_tokens", type=int, default=300)
+    # The defaults are the ones request-following is measured at (request_following.py).
+    for name, value in CHAT_SAMPLING.items():
+        parser.add_argument(f"--{name}", type=type(value), default=value)
+    parser.add_argument("--max_new_tokens", type=int, default=CHAT_MAX_NEW_TOKENS)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto")
     return parser.parse_args(argv)
@@ -73,6 +75,7 @@ class ChatSession:
         self.settings = dict(settings)
         self.system = system
         self.messages: list[dict] = []
+        self.forced_words: list[str] = []  # for the next reply only (/force)
         self.generator = torch.Generator(next(model.parameters()).device)
         self.reseed()
 
@@ -108,12 +111,22 @@ class ChatSession:
         pieces: list[str] = []
         knobs = {k: v for k, v in self.settings.items() if k not in ("seed", "max_new_tokens")}
         try:
-            for piece in stream(self.model, self.tokenizer, ids, self.settings["max_new_tokens"], eos_token_id=eos,
-                                generator=self.generator, top_p_filter=filter_top_p_fast, **knobs):
+            for piece in (self.forced_reply(ids, eos) if self.forced_words else
+                          stream(self.model, self.tokenizer, ids, self.settings["max_new_tokens"], eos_token_id=eos,
+                                 generator=self.generator, top_p_filter=filter_top_p_fast, **knobs)):
                 pieces.append(piece)
                 yield piece
         finally:
             self.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+    def forced_reply(self, ids: list[int], eos: int) -> Iterator[str]:
+        """The best beam that uses every /force word, all at once: a beam is only known to be
+        best when the search ends. The words are forced for this reply only."""
+        constraints = [word_spellings(self.tokenizer, word) for word in self.forced_words]
+        self.forced_words = []
+        (tokens, _), *_ = constrained_beam_search(self.model, ids, constraints, FORCE_BEAMS,
+                                                  self.settings["max_new_tokens"], eos_token_id=eos)
+        yield self.tokenizer.decode(t for t in tokens if t != eos)
 
     def command(self, line: str) -> str:
         """Run a /command; returns what to print."""
@@ -138,6 +151,10 @@ class ChatSession:
             except OSError as err:
                 return f"cannot write {rest}: {err.strerror}"
             return f"(saved to {rest})"
+        if name == "force":
+            self.forced_words = split_words(rest)
+            return f"(the next reply must use: {', '.join(self.forced_words)})" if self.forced_words else \
+                "usage: /force WORDS, e.g. /force apple rocket blue"
         if name == "set":
             key, _, value = rest.partition(" ")
             if key not in SETTINGS:

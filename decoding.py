@@ -10,6 +10,9 @@ The file reads top to bottom:
    the model once, then each step feeds only the newest token. Prompts of different
    lengths decode together, left-padded.
 4. beam_search, on the KV cache, with Hugging Face's stopping rules.
+5. constrained_beam_search: beam search whose answers must hold given words
+   (split_words reads them as typed, word_spellings turns each into the token sequences
+   to force).
 
 Every function takes a TransformerLM, or anything with its call and attributes (config,
 new_cache: the LanguageModel protocol below), such as speedups.CompiledDecoding. speedups.filter_top_p_fast has the top-p
@@ -19,8 +22,10 @@ filter's API and is passed as generate(..., top_p_filter=...).
 from __future__ import annotations
 
 import codecs
+import re
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -451,6 +456,156 @@ def beam_search(
             # The cache follows the beams that carry on; each feeds its new token.
             cache.reorder(torch.tensor([origins[rank] for rank in carry_on], device=ids.device))
             new_tokens = torch.tensor([[tokens[rank]] for rank in carry_on], device=ids.device)  # (beams, 1)
+            logits = model(new_tokens, past_key_values=cache).logits[:, -1].float()
+    finally:
+        model.train(was_training)
+    return [(tokens, score) for score, tokens in finished[:num_return_sequences]]
+
+
+# --------------------------------------------------- 5. beam search with forced words
+#
+# Lexically constrained decoding (Hokamp & Liu 2017, "grid beam search"; Post & Vilar 2018,
+# "dynamic beam allocation"; Hugging Face's force_words_ids). Each forced word is a
+# Constraint: the token sequences that spell it, any one of which will do. A hypothesis
+# carries which words it has written; beams are chosen from "banks" of equal progress in
+# turn, so the most advanced hypothesis always gets a beam, and an answer only counts once
+# every word is in it.
+
+Constraint = list[list[int]]  # one word: its spellings, as token ids
+
+
+def split_words(text: str) -> list[str]:
+    """The words to force, as a user types them: "apple, rocket blue" -> ["apple", "rocket", "blue"]."""
+    return [word for word in re.split(r"[,\s]+", text) if word]
+
+
+def word_spellings(tokenizer: BPETokenizer, word: str) -> Constraint:
+    """The ways a word is spelled inside running text: after a space, as written and
+    capitalised. "apple" -> the ids of " apple" and " Apple". Byte-level BPE encodes a
+    pre-token the same wherever it stands, so these are the word's ids in any story."""
+    forms = dict.fromkeys([word, word[:1].upper() + word[1:]])  # dict: unique and in order
+    return [tokenizer.encode(" " + form) for form in forms]
+
+
+@dataclass
+class _Hypothesis:
+    tokens: list[int]  # the new tokens so far
+    met: tuple[bool, ...]  # for each forced word: has a spelling of it been written?
+    score: float  # total log-probability
+
+
+def _extend(hyp: _Hypothesis, token: int, log_prob: float, constraints: list[Constraint]) -> _Hypothesis:
+    """hyp plus one token: a word is met once one of its spellings ends at the new token."""
+    tokens = [*hyp.tokens, token]
+    met = tuple(done or any(tokens[-len(s):] == s for s in spellings) for done, spellings in zip(hyp.met, constraints, strict=True))
+    return _Hypothesis(tokens, met, hyp.score + log_prob)
+
+
+def _progress(hyp: _Hypothesis, constraints: list[Constraint]) -> tuple[tuple[int, int], int, set[int]]:
+    """(bank, tokens to go, advancing tokens). The bank is (words met, tokens written of the
+    best-begun unmet word); tokens to go, the fewest new tokens that could still complete every
+    word; advancing, the tokens that take an unmet word one token further (or start it)."""
+    begun, to_go, advancing = 0, 0, set()
+    for done, spellings in zip(hyp.met, constraints, strict=True):
+        if done:
+            continue
+        left = []
+        for spelling in spellings:
+            written = max((j for j in range(1, len(spelling)) if hyp.tokens[-j:] == spelling[:j]), default=0)
+            begun, left = max(begun, written), [*left, len(spelling) - written]
+            advancing.update({spelling[0], spelling[written]})
+        to_go += min(left)
+    return (sum(hyp.met), begun), to_go, advancing
+
+
+def _candidates(beams: list[_Hypothesis], log_probs: torch.Tensor, num_beams: int,
+                constraints: list[Constraint]) -> list[tuple[int, _Hypothesis]]:
+    """(beam index, extended hypothesis) for the 2 * num_beams best continuations overall,
+    plus each beam's own best one and its continuations that advance a forced word, however
+    unlikely: every beam keeps a way on."""
+    vocab = log_probs.size(-1)
+    totals = log_probs + torch.tensor([hyp.score for hyp in beams], device=log_probs.device)[:, None]
+    top = totals.view(-1).topk(min(2 * num_beams, totals.numel())).indices.tolist()
+    pairs = dict.fromkeys((index // vocab, index % vocab) for index in top)
+    for origin, (hyp, best) in enumerate(zip(beams, log_probs.argmax(dim=-1).tolist(), strict=True)):
+        pairs.update(dict.fromkeys((origin, token) for token in [best, *sorted(_progress(hyp, constraints)[2])]))
+    return [(origin, _extend(beams[origin], token, log_probs[origin, token].item(), constraints))
+            for origin, token in pairs]
+
+
+def _allocate(candidates: list[tuple[int, _Hypothesis]], num_beams: int,
+              constraints: list[Constraint]) -> list[tuple[int, _Hypothesis]]:
+    """num_beams candidates, taken in turn from each bank (most progress first), best score
+    first within a bank: likely text and forced words both keep a share of the beams."""
+    banks: dict[tuple[int, int], list] = {}
+    for candidate in sorted(candidates, key=lambda c: -c[1].score):
+        banks.setdefault(_progress(candidate[1], constraints)[0], []).append(candidate)
+    queues = [banks[bank] for bank in sorted(banks, reverse=True)]
+    chosen = []
+    while len(chosen) < num_beams and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < num_beams:
+                chosen.append(queue.pop(0))
+    return chosen
+
+
+@torch.no_grad()
+def constrained_beam_search(
+    model: LanguageModel,
+    prompt: list[int] | torch.Tensor,
+    constraints: list[Constraint],
+    num_beams: int,
+    max_new_tokens: int,
+    length_penalty: float = 1.0,
+    num_return_sequences: int = 1,
+    eos_token_id: int | None = None,
+    bos_token_id: int | None = None,
+) -> list[tuple[list[int], float]]:
+    """Beam search whose every answer holds each forced word; returns up to
+    num_return_sequences best (new tokens, score), at least one, best first, scored as
+    beam_search does.
+
+    Each step extends the beams by their best tokens and by the tokens that advance an unmet
+    word (_candidates). A continuation that could no longer write every word in the tokens
+    left is dropped; _allocate shares the beams between banks of equal progress among the
+    rest. A hypothesis that ends (eos_token_id, or max_new_tokens) is finished only if every
+    word is met. Some continuation of a beam that can still make it always can, so from a
+    start that fits (max_new_tokens at least the words' shortest spellings together) the
+    search always ends with an answer.
+    """
+    _check_beam_settings(num_beams, num_return_sequences, False)
+    needed = sum(min(map(len, spellings)) for spellings in constraints)
+    if needed > max_new_tokens:
+        raise ValueError(f"the forced words need at least {needed} tokens, more than max_new_tokens {max_new_tokens}")
+    rows, ids, _ = _prompt_batch(model, [prompt] if not torch.is_tensor(prompt) else prompt, bos_token_id, max_new_tokens)
+    if len(rows) != 1:
+        raise ValueError("constrained_beam_search takes one prompt")
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(1, ids.size(1) + max_new_tokens)
+        logits = model(ids, past_key_values=cache).logits[:, -1].float()  # (1, vocab)
+        beams = [_Hypothesis([], (False,) * len(constraints), 0.0)]
+        finished: list[tuple[float, list[int]]] = []
+        for step in range(max_new_tokens):
+            length = step + 1
+            running = []
+            for origin, hyp in _candidates(beams, logits.log_softmax(dim=-1), num_beams, constraints):
+                if hyp.tokens[-1] != eos_token_id and length < max_new_tokens:
+                    if _progress(hyp, constraints)[1] <= max_new_tokens - length:  # it can still make it
+                        running.append((origin, hyp))
+                elif all(hyp.met):
+                    finished.append((hyp.score / length**length_penalty, hyp.tokens))
+            finished = sorted(finished, key=lambda done: -done[0])[:num_beams]
+            chosen = _allocate(running, num_beams, constraints)
+            best_running = max((hyp.score for _, hyp in chosen), default=None)
+            if best_running is None or _search_is_over(best_running, finished, num_beams, length, max_new_tokens,
+                                                       length_penalty, False):
+                break
+            # The cache follows the chosen beams; each feeds its new token.
+            cache.reorder(torch.tensor([origin for origin, _ in chosen], device=ids.device))
+            beams = [hyp for _, hyp in chosen]
+            new_tokens = torch.tensor([[hyp.tokens[-1]] for hyp in beams], device=ids.device)  # (beams, 1)
             logits = model(new_tokens, past_key_values=cache).logits[:, -1].float()
     finally:
         model.train(was_training)

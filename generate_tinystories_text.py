@@ -1,9 +1,11 @@
-"""Write stories with a trained model: sampling (temperature, top-k, top-p) or beam search.
+"""Write stories with a trained model: sampling (temperature, top-k, top-p), beam search, or
+beam search that must use given words (--force_words).
 
     python generate_tinystories_text.py --prompt "Once upon a time"
     python generate_tinystories_text.py --model_path tinystories_model/best_model.pth \\
         --prompt "Once upon a time" --temperature 0.8
     echo "Tom found a box" | python generate_tinystories_text.py --num_samples 3 --seed 1
+    python generate_tinystories_text.py --force_words "apple, rocket, blue"
 
 The prompt comes from --prompt (repeatable), --prompt_file, or standard input; an empty
 prompt starts a story from scratch. On a terminal the text streams as it is written.
@@ -20,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from bpe_tokenizer import ENDOFTEXT
+from bpe_tokenizer import ENDOFTEXT, BPETokenizer
 from common import run_script
-from decoding import beam_search, generate, stream
+from decoding import LanguageModel, beam_search, constrained_beam_search, generate, split_words, stream, word_spellings
 from speedups import compile_decoding, filter_top_p_fast, quantize_int8, use_few_row_linear
 from transformer_model import load_checkpoint
 
@@ -38,7 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    parser.add_argument("--num_beams", type=int, default=1, help="> 1: beam search instead of sampling")
+    parser.add_argument("--num_beams", type=int, default=None,
+                        help="> 1: beam search instead of sampling (default 1, or 4 with --force_words)")
+    parser.add_argument("--force_words", default="",
+                        help="words every story must use (commas or spaces between them): a constrained beam search")
     parser.add_argument("--length_penalty", type=float, default=1.0, help="beam search: score / length ** this")
     parser.add_argument("--repetition_penalty", type=float, default=1.0)
     parser.add_argument("--no_repeat_ngram_size", type=int, default=0)
@@ -53,10 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quantize", choices=["int8"], help="CPU: dynamic int8 quantisation of the linear layers")
     parser.add_argument("--show_stats", action="store_true", help="prompt tokens, new tokens and tokens/second")
     args = parser.parse_args(argv)
+    args.force_words = split_words(args.force_words)
+    if args.num_beams is None:
+        args.num_beams = 4 if args.force_words else 1
     for name in ("max_new_tokens", "num_samples", "num_beams"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
-    if args.num_beams > 1 and args.num_samples > args.num_beams:
+    if (args.num_beams > 1 or args.force_words) and args.num_samples > args.num_beams:
         parser.error(f"--num_samples {args.num_samples} is more than --num_beams {args.num_beams} can return")
     if args.prompt and args.prompt_file:
         parser.error("give --prompt or --prompt_file, not both")
@@ -99,6 +107,17 @@ def report(args: argparse.Namespace, prompt_ids: list[int], new_tokens: int, sec
               f"{', compiling included' if compiling else ''}]", file=sys.stderr)
 
 
+def search_beams(args: argparse.Namespace, model: LanguageModel, tokenizer: BPETokenizer, prompt_ids: list[int],
+                 settings: dict) -> list[tuple[list[int], float]]:
+    """The best beams for one prompt: a plain beam search, or one that must use --force_words."""
+    common = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
+                  num_return_sequences=args.num_samples, **settings)
+    if not args.force_words:
+        return beam_search(model, prompt_ids, **common)
+    constraints = [word_spellings(tokenizer, word) for word in args.force_words]
+    return constrained_beam_search(model, prompt_ids, constraints, **common)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not os.path.exists(args.model_path) and args.model_path == DEFAULT_MODEL:
@@ -121,10 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     compiling = args.compile  # the first story's time includes compiling the decoding step
     for prompt in read_prompts(args):
         prompt_ids = tokenizer.encode(prompt)
-        if args.num_beams > 1:
+        if args.num_beams > 1 or args.force_words:
             start = time.perf_counter()
-            results = beam_search(model, prompt_ids, args.num_beams, args.max_new_tokens, args.length_penalty,
-                                  num_return_sequences=args.num_samples, **settings)
+            results = search_beams(args, model, tokenizer, prompt_ids, settings)
             for index, (tokens, score) in enumerate(results):
                 body = tokenizer.decode(t for t in tokens if t != eos)
                 print_story(prompt, body, index, f"beam score {score:.3f}")

@@ -10,9 +10,11 @@ The file, top to bottom:
   disk so it is encoded once, TokenWindows cuts it into (inputs, targets) windows;
 - pretraining data: load_train_and_validation and prepare_pretraining_data (both sets of
   windows, cached);
-- conversations: load_conversations (a "messages" column, or TinyStoriesInstruct text),
-  conversations_from_stories, fit_conversation, and ChatExamples (rows whose loss is the
-  assistant's alone).
+- conversations: load_conversations (a "messages" column, or TinyStoriesInstruct text);
+  requests made from a story (REQUEST_MAKERS: words_request, name_request,
+  continuation_request), conversations_from_stories, fit_conversation; ChatExamples (rows
+  whose loss is the assistant's alone) and FreshChatExamples (conversations built anew every
+  epoch).
 
 `dataset` is a Hugging Face hub id (default roneneldan/TinyStories) or a local path:
 - a .txt file of stories separated by <|endoftext|> (TinyStories' own release format);
@@ -405,6 +407,11 @@ SYSTEM_PROMPTS = [
     "You write short, simple stories for young children.",
     "You are a friendly storyteller. Use easy words.",
     "You are a helpful assistant who tells kind stories.",
+    "You tell stories to a small child. Keep them short and happy.",
+    "You are a storyteller. Do what the user asks.",
+    "Write simple stories with easy words.",
+    "You are a kind helper who loves telling stories.",
+    "You answer with a short story for children.",
 ]
 STOPWORDS = frozenset("""the and was were had have has with that this they them then there their when
     what said very from into onto upon your you she her his him for but not are all one day time could would
@@ -525,49 +532,99 @@ def story_words(story: str) -> list[str]:
     return list(words)
 
 
-def _request_for(story: str, rng: random.Random, first: bool) -> tuple[str, str]:
-    """One task derived from the story alone: (request, reply), the reply taken from it."""
-    tasks = []
-    names = story_names(story)
-    if names:
-        name = rng.choice(names[:2])
-        tasks.append((rng.choice([f"Tell me a story about {name}.", f"Write a story about someone called {name}.",
-                                  f"Can you tell me a story with {name} in it?"]), story))
+# Requests a reply can be checked against (request_following.py checks them), each in many
+# phrasings so that a model learns the request, not one sentence.
+WORDS_PHRASINGS = [
+    "Write a story that uses the words {}.", "Tell me a story with the words {}.",
+    "Please write a short story using the words {}.", "Can you write a story that has the words {} in it?",
+    "I want a story with these words: {}.", "Make up a story that includes the words {}.",
+    "Use the words {} in a story.", "Tell a short story. It must use the words {}.",
+]
+NAME_PHRASINGS = [
+    "Tell me a story about {}.", "Write a story about someone called {}.", "Can you tell me a story with {} in it?",
+    "Please tell me a story where {} is the main character.", "I would like a story about {}.",
+    "Make up a story about a character named {}.", "Write a short story. Call the main character {}.",
+    "Tell a bedtime story about {}.",
+]
+CONTINUATION_PHRASINGS = [
+    "Continue this story: {}", "Finish this story: {}", "Here is the start of a story. Please go on: {}",
+    "What happens next? {}", "Please keep writing this story: {}", "Go on with this story: {}",
+    "Write the rest of this story: {}", "This is how my story starts: {} Finish it, please.",
+]
+PLAIN_PHRASINGS = ["Tell me a story.", "Write a short story for a child.", "Can you tell me a bedtime story?"]
+ANOTHER_PHRASINGS = ["Tell me another story.", "Now tell me a different story.", "One more story, please."]
+
+
+@dataclasses.dataclass
+class Request:
+    """One user request made from a story, and what answers it."""
+    kind: str  # "words", "name", "continuation" or "plain"
+    text: str  # the user's message
+    reply: str  # the reply to learn: the story, or for a continuation the rest of it
+    content: list[str]  # what a reply must hold: the three words, the name, or the opening's characters
+
+
+def words_request(story: str, rng: random.Random) -> Request | None:
+    """"Write a story that uses the words X, Y and Z", three of the story's content words."""
     words = story_words(story)
-    if len(words) >= 3:
-        chosen = rng.sample(words, 3)
-        tasks.append((rng.choice(["Write a story that uses the words {}.", "Tell me a story with the words {}.",
-                                  "Please write a short story using the words {}."]).format(join_words(chosen)), story))
+    if len(words) < 3:
+        return None
+    chosen = rng.sample(words, 3)
+    return Request("words", rng.choice(WORDS_PHRASINGS).format(join_words(chosen)), story, chosen)
+
+
+def name_request(story: str, rng: random.Random) -> Request | None:
+    """"Tell me a story about Lily", one of the story's two main characters."""
+    names = story_names(story)
+    if not names:
+        return None
+    name = rng.choice(names[:2])
+    return Request("name", rng.choice(NAME_PHRASINGS).format(name), story, [name])
+
+
+def continuation_request(story: str, rng: random.Random) -> Request | None:
+    """"Continue this story: <its first one or two sentences>"; the reply is the rest, and the
+    characters named in the opening are what the reply must keep."""
     sentences = story_sentences(story)
-    if len(sentences) >= 4:
-        cut = rng.choice([1, 2])
-        opening = " ".join(sentences[:cut])
-        rest = story[story.index(sentences[cut - 1]) + len(sentences[cut - 1]):].strip()
-        if rest:
-            tasks.append((rng.choice(["Continue this story: {}", "Finish this story: {}",
-                                      "Here is the start of a story. Please go on: {}"]).format(opening), rest))
-    generic = ["Tell me a story.", "Write a short story for a child.", "Can you tell me a bedtime story?"]
-    if not first:
-        generic = ["Tell me another story.", "Now tell me a different story.", "One more story, please."]
-    tasks.append((rng.choice(generic), story))
-    return rng.choice(tasks)
+    if len(sentences) < 4:
+        return None
+    cut = rng.choice([1, 2])
+    opening = " ".join(sentences[:cut])
+    rest = story[story.index(sentences[cut - 1]) + len(sentences[cut - 1]):].strip()
+    if not rest:
+        return None
+    characters = [name for name in story_names(story) if regex.search(rf"\b{name}\b", opening)]
+    return Request("continuation", rng.choice(CONTINUATION_PHRASINGS).format(opening), rest, characters)
 
 
-def conversations_from_stories(stories: list[str], seed: int = 0, multi_turn: float = 0.3,
-                               system: float = 0.3) -> list[list[dict]]:
+REQUEST_MAKERS = {"words": words_request, "name": name_request, "continuation": continuation_request}
+
+
+def _request_for(story: str, rng: random.Random, first: bool, checkable_weight: float) -> tuple[str, str]:
+    """One task derived from the story alone: (request, reply), the reply taken from it. A
+    request whose content a reply can be checked against is checkable_weight times as likely
+    as a plain one."""
+    tasks = [request for make in REQUEST_MAKERS.values() if (request := make(story, rng)) is not None]
+    tasks.append(Request("plain", rng.choice(PLAIN_PHRASINGS if first else ANOTHER_PHRASINGS), story, []))
+    (chosen,) = rng.choices(tasks, weights=[1.0 if task.kind == "plain" else checkable_weight for task in tasks])
+    return chosen.text, chosen.reply
+
+
+def conversations_from_stories(stories: list[str], seed: int = 0, multi_turn: float = 0.3, system: float = 0.3,
+                               checkable_weight: float = 3.0) -> list[list[dict]]:
     """Conversations made from plain stories only, every reply a piece of a real story:
     "Tell me a story about <a character>", "Write a story that uses the words <three of its
     words>", "Continue this story: <its opening sentences>" (the reply is the rest), or a plain
-    request. A share become two-turn (a second request answered by the next story), and a
-    share start with a system prompt. Seeded."""
+    request (checkable requests checkable_weight times as likely). A share become two-turn (a
+    second request answered by the next story), and a share start with a system prompt. Seeded."""
     rng = random.Random(seed)
     conversations = []
     for index, story in enumerate(stories):
         messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < system else []
-        request, reply = _request_for(story, rng, first=True)
+        request, reply = _request_for(story, rng, True, checkable_weight)
         messages += [{"role": "user", "content": request}, {"role": "assistant", "content": reply}]
         if rng.random() < multi_turn and len(stories) > 1:
-            request, reply = _request_for(stories[(index + 1) % len(stories)], rng, first=False)
+            request, reply = _request_for(stories[(index + 1) % len(stories)], rng, False, checkable_weight)
             messages += [{"role": "user", "content": request}, {"role": "assistant", "content": reply}]
         conversations.append(messages)
     return conversations
@@ -623,3 +680,29 @@ class ChatExamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inputs[index], self.targets[index]
+
+
+class FreshChatExamples(torch.utils.data.Dataset):
+    """ChatExamples whose conversations are built anew from the stories every epoch
+    (conversations_from_stories, seeded by seed and the epoch): new words, names, cut points,
+    phrasings and system prompts each time, so the model does not see the same request twice
+    and cannot learn a request by heart. The training loop calls set_epoch, as it does for
+    TokenWindows; an epoch's rows depend on its number alone, so --resume reads the same rows."""
+
+    def __init__(self, stories: list[str], tokenizer: BPETokenizer, block_size: int, seed: int = 0, **building):
+        self.stories, self.tokenizer, self.block_size, self.seed = stories, tokenizer, block_size, seed
+        self.building = building  # conversations_from_stories's other settings
+        self.epoch = -1
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.conversations = conversations_from_stories(self.stories, self.seed * 1_000_003 + epoch, **self.building)
+            self.examples = ChatExamples(self.conversations, self.tokenizer, self.block_size)
+            self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.examples[index]

@@ -6,17 +6,26 @@
         --dataset roneneldan/TinyStoriesInstruct          # or a JSON/JSONL/parquet "messages" column
 
 Conversations come from --dataset (a "messages" column in the hub's chat format, or
-TinyStoriesInstruct text) or are built from plain stories with --from_stories (written to
-OUTPUT_DIR/conversations_{train,validation}.jsonl to inspect). Each becomes one row of
---block_size tokens through the chat template; only the assistant's tokens count in the loss.
-The loop is pretraining's (training.train): AdamW, warm-up and decay, mixed precision,
-accumulation, early stopping on the assistant-only validation loss, checkpoints, exact
---resume, Ctrl-C safety, TensorBoard. Two of its hooks make it a chat run: the sample at each
-evaluation is a reply to --sample_prompt sent through the chat template (reply_prompt), and
-built conversations are written into the output dir once it is claimed (write_conversations).
+TinyStoriesInstruct text) or are built from plain stories with --from_stories (the first
+epoch's are written to OUTPUT_DIR/conversations_{train,validation}.jsonl to inspect). Each
+becomes one row of --block_size tokens through the chat template; only the assistant's tokens
+count in the loss.
 
-The program, top to bottom: the flags, the conversations (split_conversations), the hooks,
-set_dropout, and main: the base model, the rows (tinystories_data.ChatExamples), training.train.
+Built from stories, the training conversations are made anew every epoch (--requests fresh:
+new words, names, cut points, phrasings and system prompts), weighted towards requests a
+reply can be checked against (--checkable_weight). The best model is the one that follows
+requests best (request_following.py) on --select_requests requests of each kind, made from
+--select_stories training stories held out for it, asked at every evaluation.
+
+The loop is pretraining's (training.train): AdamW, warm-up and decay, mixed precision,
+accumulation, early stopping, checkpoints, exact --resume, Ctrl-C safety, TensorBoard. Three
+of its hooks make it a chat run: the sample at each evaluation is a reply to --sample_prompt
+sent through the chat template (reply_prompt), built conversations are written into the output
+dir once it is claimed (write_conversations), and each evaluation scores request-following
+(score_requests).
+
+The program, top to bottom: the flags, the data (split_data, training_rows), the hooks,
+set_dropout, and main: the base model, the rows, training.train.
 """
 
 from __future__ import annotations
@@ -30,12 +39,16 @@ import random
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from bpe_tokenizer import DEFAULT_SPECIAL_TOKENS, BPETokenizer
 from common import run_script
+from request_following import CHAT_MAX_NEW_TOKENS, follow_rates, follow_score
 from tinystories_data import (
     ChatExamples,
+    DataError,
+    FreshChatExamples,
     SplitNotFoundError,
     conversations_from_stories,
     hold_out,
@@ -58,6 +71,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--max_train_conversations", type=int, default=0, help="a seeded sample (0 = all)")
     data.add_argument("--max_val_conversations", type=int, default=0, help="a seeded sample (0 = all)")
     data.add_argument("--block_size", type=int, default=512, help="tokens per conversation row")
+    built = parser.add_argument_group("conversations built from stories (--from_stories)")
+    built.add_argument("--requests", choices=["fresh", "fixed"], default="fresh",
+                       help="fresh: new requests every epoch (default); fixed: one set built once")
+    built.add_argument("--checkable_weight", type=float, default=3.0,
+                       help="how much likelier a checkable request (words, name, continuation) is than a plain one")
+    built.add_argument("--select_requests", type=int, default=10,
+                       help="choose the best model (and stop early) on request-following: this many requests of "
+                            "each kind, asked at each evaluation (0: on the validation loss)")
+    built.add_argument("--select_stories", type=int, default=100,
+                       help="training stories held out to make those requests from")
     data.add_argument("--dropout", type=float, default=None, help="override the base model's dropout")
     data.add_argument("--attention_dropout", type=float, default=None,
                       help="override the base model's attention dropout (0 is twice as fast on CPU)")
@@ -66,13 +89,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         sample_prompt="Tell me a story about a brave little cat.")
     args = parser.parse_args(argv)
     check_training_args(parser, args)
+    if args.dataset:
+        args.select_requests = 0  # requests are made from stories; a conversation data set has none
+    if args.select_requests < 0 or args.select_stories < 1 or args.checkable_weight < 0:
+        parser.error("--select_requests and --checkable_weight must be >= 0, --select_stories >= 1")
     return args
 
 
-def split_conversations(args: argparse.Namespace) -> tuple[list, list]:
-    """Training and validation conversations: the source's validation split when it has one,
-    else a seeded held-out share."""
-    def load(split: str) -> list:  # conversations, or the stories to build them from
+def split_data(args: argparse.Namespace) -> dict[str, list]:
+    """The conversations (--dataset) or stories (--from_stories) of each set: "train" and
+    "validation" (the source's validation split when it has one, else a seeded held-out
+    share), and with --select_requests the "select" stories, held out of training."""
+    def load(split: str) -> list:
         if args.dataset:
             return load_conversations(args.dataset, split, seed=args.seed)
         return load_stories(args.from_stories, split)
@@ -81,17 +109,38 @@ def split_conversations(args: argparse.Namespace) -> tuple[list, list]:
     try:
         validation = load("validation")
     except SplitNotFoundError:
-        # Held out before conversations are built from stories: a built conversation may take
-        # the next story for its second turn, and that must not reach across the split.
+        # Held out by story: a built conversation may take the next story for its second
+        # turn, and that must not reach across the split.
         train, validation = hold_out(train, float(args.val_fraction), args.seed)
-    if args.from_stories:
-        train = conversations_from_stories(train, seed=args.seed)
-        validation = conversations_from_stories(validation, seed=args.seed + 1)
+    sets = {"train": train, "validation": validation}
+    if args.select_requests:
+        try:
+            sets["train"], sets["select"] = hold_out(train, args.select_stories, args.seed + 1)
+        except DataError as err:
+            raise DataError(f"--select_stories {args.select_stories}: {err} (lower it, or pass --select_requests 0 "
+                            "to choose on the loss)") from None
     for name, limit in (("train", args.max_train_conversations), ("validation", args.max_val_conversations)):
-        chosen = train if name == "train" else validation
-        if limit and limit < len(chosen):
-            chosen[:] = random.Random(args.seed).sample(chosen, limit)
-    return train, validation
+        if limit and limit < len(sets[name]):
+            sets[name] = random.Random(args.seed).sample(sets[name], limit)
+    return sets
+
+
+def training_rows(args: argparse.Namespace, tokenizer: BPETokenizer,
+                  sets: dict[str, list]) -> tuple[Dataset, ChatExamples, dict[str, list]]:
+    """The training and validation rows, and the conversations built from stories (to write
+    out). Validation conversations are built once; training ones every epoch (--requests fresh)."""
+    if args.dataset:
+        return (ChatExamples(sets["train"], tokenizer, args.block_size),
+                ChatExamples(sets["validation"], tokenizer, args.block_size), {})
+    validation = conversations_from_stories(sets["validation"], seed=args.seed + 1)
+    if args.requests == "fresh":
+        train_data = FreshChatExamples(sets["train"], tokenizer, args.block_size, seed=args.seed,
+                                       checkable_weight=args.checkable_weight)
+        train = train_data.conversations
+    else:
+        train = conversations_from_stories(sets["train"], seed=args.seed, checkable_weight=args.checkable_weight)
+        train_data = ChatExamples(train, tokenizer, args.block_size)
+    return train_data, ChatExamples(validation, tokenizer, args.block_size), {"train": train, "validation": validation}
 
 
 def write_jsonl(path: Path, conversations: list) -> None:
@@ -112,6 +161,16 @@ def reply_prompt(tokenizer: BPETokenizer, request: str) -> list[int]:
     """The prompt_ids hook: the sample at each evaluation is a reply to request, so the
     request goes through the chat template and ends with <assistant>."""
     return tokenizer.apply_chat_template([{"role": "user", "content": request}], add_generation_prompt=True)
+
+
+def score_requests(model: torch.nn.Module, tokenizer: BPETokenizer, stories: list[str],
+                   args: argparse.Namespace) -> dict:
+    """The score_model hook: request-following on requests made from the held-out --select
+    stories (the same requests at every evaluation), as one score and per request type."""
+    # Replies up to half a row: in training, a request and its reply share one --block_size row.
+    rates = follow_rates(model, tokenizer, stories, per_kind=args.select_requests, seed=args.seed,
+                         max_new_tokens=min(CHAT_MAX_NEW_TOKENS, args.block_size // 2))
+    return {"score": follow_score(rates), **{f"follow/{label}": rate["followed"] for label, rate in rates.items()}}
 
 
 def set_dropout(model: torch.nn.Module, dropout: float | None, attention_dropout: float | None) -> None:
@@ -142,20 +201,18 @@ def main(argv: list[str] | None = None) -> dict:
                          f"({model.config.max_position_embeddings})")
     set_dropout(model, args.dropout, args.attention_dropout)
     # One row of --block_size tokens per conversation, the loss on the assistant's tokens only.
-    train_conversations, val_conversations = split_conversations(args)
-    train_data = ChatExamples(train_conversations, tokenizer, args.block_size)
-    val_data = ChatExamples(val_conversations, tokenizer, args.block_size)
+    sets = split_data(args)
+    train_data, val_data, built = training_rows(args, tokenizer, sets)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, the first process reports
-        tqdm.write(f"{len(train_conversations):,} training and {len(val_conversations):,} validation conversations; "
-                   f"{train_data.truncated_turns + val_data.truncated_turns} oldest turns dropped and "
-                   f"{train_data.cut_conversations + val_data.cut_conversations} conversations cut to fit "
-                   f"--block_size {args.block_size}")
-    # Built conversations are written out to inspect; those read from a data set are there already.
-    built = {"train": train_conversations, "validation": val_conversations} if args.from_stories else {}
+        tqdm.write(f"{len(train_data):,} training and {len(val_data):,} validation conversations "
+                   f"({args.requests if args.from_stories else 'from ' + args.dataset}); "
+                   f"{val_data.truncated_turns} oldest validation turns dropped and {val_data.cut_conversations} "
+                   f"validation conversations cut to fit --block_size {args.block_size}")
+    score = functools.partial(score_requests, tokenizer=tokenizer, stories=sets.get("select", []), args=args)
     return train(args, model.train(), tokenizer, train_data, val_data, kind="chat",
                  prompt_ids=functools.partial(reply_prompt, tokenizer),
-                 on_output_dir_ready=functools.partial(write_conversations, conversations=built))
-
+                 on_output_dir_ready=functools.partial(write_conversations, conversations=built),
+                 score_model=score if args.select_requests else None)
 
 if __name__ == "__main__":
     run_script(main, user_errors=(ValueError, OSError, TrainingError))

@@ -4,8 +4,8 @@ fine-tuning (train_tinystories_chat_model.py).
 Read `train` first (at the end of the file): setup, then `while step < total:` one step, log,
 evaluate and checkpoint, stop checks; then finish. `train_step` is one optimizer step in one
 place: gradient accumulation, token-weighted micro-batches, autocast, the GradScaler, clipping,
-the learning-rate schedule. The chat script reuses the loop through two hooks of `train`
-(`prompt_ids`, `on_output_dir_ready`), not by subclassing.
+the learning-rate schedule. The chat script reuses the loop through three hooks of `train`
+(`prompt_ids`, `on_output_dir_ready`, `score_model`), not by subclassing.
 
 The file, top to bottom:
 - flags: add_training_args, check_training_args, run_config (the flags that define a run);
@@ -18,7 +18,7 @@ The file, top to bottom:
 - a run: Run (what one run holds), training_amp_dtype, start_run, log, resume, claim_output_dir,
   save;
 - one step: train_step;
-- evaluation: evaluate, sample, evaluation_says_stop;
+- evaluation: evaluate, sample, is_improvement, evaluation_says_stop;
 - the loop: request_stop (Ctrl-C), first_step_must_fit, stop_signals, log_step, finish,
   wrap_model, close, and train.
 
@@ -513,29 +513,44 @@ def sample(run: Run, prompt_ids: Callable[[str], list[int]]) -> str:
     return run.tokenizer.decode(t for t in tokens if t != eos)
 
 
-def evaluation_says_stop(run: Run, train_loss: float, prompt_ids: Callable[[str], list[int]]) -> bool:
-    """Evaluate, log, keep the best model; True when patience has run out."""
+def is_improvement(metrics: dict, state: dict) -> bool:
+    """Better than the best model so far: a higher "score" where the run has a score_model
+    (chat: request-following), else a lower validation loss."""
+    if "score" in metrics:
+        return metrics["score"] > state.get("best_score", -math.inf)
+    return metrics["val_loss"] < state["best_val_loss"]
+
+
+def evaluation_says_stop(run: Run, train_loss: float, prompt_ids: Callable[[str], list[int]],
+                         score_model: Callable[[TransformerLM], dict] | None = None) -> bool:
+    """Evaluate (and score, with score_model), log, keep the best model; True when patience
+    has run out."""
     args, state = run.args, run.state
     metrics = evaluate(run, args.eval_batches)
     if not math.isfinite(metrics["val_loss"]):
         raise TrainingError(f"the validation loss became {metrics['val_loss']} at step {state['step']}; the last "
                             f"good checkpoint is {run.out / 'last.pth'} (try a lower --learning_rate)")
+    if score_model is not None:
+        metrics.update(score_model(run.raw_model))
     record = {"step": state["step"], "tokens": state["tokens"], "train_loss": train_loss,
               "lr": run.optimizer.param_groups[0]["lr"], "minutes": state["train_seconds"] / 60, **metrics}
     state["history"].append(record)
-    improved = metrics["val_loss"] < state["best_val_loss"]
+    improved = is_improvement(metrics, state)
     if improved:
-        state["best_val_loss"], state["evals_without_improvement"] = metrics["val_loss"], 0
+        state.update(best_val_loss=metrics["val_loss"], evals_without_improvement=0)
+        if "score" in metrics:
+            state["best_score"] = metrics["score"]
         save(run, "best_model.pth")
     else:
         state["evals_without_improvement"] += 1
     story = sample(run, prompt_ids) if run.dist.main else ""
     if run.writer:
-        for name in ("val_loss", "val_perplexity", "val_bits_per_byte"):
-            run.writer.add_scalar(f"val/{name[4:]}", metrics[name], state["step"])
+        for name, value in metrics.items():
+            run.writer.add_scalar(f"val/{name.removeprefix('val_')}", value, state["step"])
         run.writer.add_text("sample", f"{args.sample_prompt}{story}", state["step"])
+    score = f", score {metrics['score']:.3f}" if "score" in metrics else ""
     log(run, f"step {state['step']}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
-             f"perplexity {metrics['val_perplexity']:.2f}, {metrics['val_bits_per_byte']:.4f} bits/byte"
+             f"perplexity {metrics['val_perplexity']:.2f}, {metrics['val_bits_per_byte']:.4f} bits/byte{score}"
              f"{' (best)' if improved else ''}\n  sample: {(args.sample_prompt + story)[:300]!r}")
     return bool(args.patience) and state["evals_without_improvement"] >= args.patience
 
@@ -598,8 +613,9 @@ def finish(run: Run, reason: str) -> None:
     save(run, "final_model.pth")
     if run.writer:
         run.writer.flush()
+    score = f", score {state['best_score']:.3f}" if "best_score" in state else ""
     log(run, f"{reason} at step {state['step']} ({state['tokens']:,} tokens, {state['train_seconds'] / 60:.1f} min); "
-             f"best validation loss {state['best_val_loss']:.4f}")
+             f"best model: validation loss {state['best_val_loss']:.4f}{score}")
     if args.release_to and run.dist.main:
         release(run.out / "best_model.pth", args.release_to)
         log(run, f"released {args.release_to}")
@@ -627,12 +643,15 @@ def close(run: Run) -> None:
 
 def train(args: argparse.Namespace, model: TransformerLM, tokenizer: BPETokenizer, train_data: Dataset,
           val_data: Dataset, kind: str = "pretraining", prompt_ids: Callable[[str], list[int]] | None = None,
-          on_output_dir_ready: Callable[[Path], None] | None = None) -> dict:
+          on_output_dir_ready: Callable[[Path], None] | None = None,
+          score_model: Callable[[TransformerLM], dict] | None = None) -> dict:
     """Train model with the flags of add_training_args on train_data, evaluating on val_data
     (items (inputs, targets) of one shape, targets -100 where the loss does not count);
     returns the run's state (step, tokens, history, ...). Hooks for other scripts:
     prompt_ids(text) encodes the sample prompt of each evaluation (default tokenizer.encode);
-    on_output_dir_ready(output_dir) runs on the main process once the output dir is claimed."""
+    on_output_dir_ready(output_dir) runs on the main process once the output dir is claimed;
+    score_model(model) adds metrics to each evaluation, and if they hold a "score" the best
+    model (and early stopping) follows the highest score instead of the lowest loss."""
     # Setup: processes, device, optimizer, precision, schedule; claim (or resume) the output
     # dir; then wrap the model for DDP and torch.compile.
     run = start_run(args, model, tokenizer, train_data, val_data, kind)
@@ -666,7 +685,7 @@ def train(args: argparse.Namespace, model: TransformerLM, tokenizer: BPETokenize
                 # limit): keep the best model, stop early when patience has run out, else save
                 # last.pth to resume from.
                 if state["step"] % args.eval_interval == 0 or state["step"] == run.total_steps or out_of_time:
-                    if evaluation_says_stop(run, window_loss / window_steps, prompt_ids):
+                    if evaluation_says_stop(run, window_loss / window_steps, prompt_ids, score_model):
                         reason = f"early stop: no improvement in {args.patience} evaluations"
                         break
                     window_loss, window_steps = 0.0, 0

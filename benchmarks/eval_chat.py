@@ -1,79 +1,121 @@
-"""Does fine-tuning make the model follow requests? Base against chat model, held-out data.
+"""Does fine-tuning make the model do what it is asked? Base against chat model, held-out stories.
 
     python benchmarks/eval_chat.py --base pretrained/tinystories_base.pth --chat pretrained/tinystories_chat.pth
+    python benchmarks/eval_chat.py --per_kind 20 --json out.json     # a quick look, kept as JSON
+    python benchmarks/eval_chat.py --forced 50    # and forced words (constrained beam search), apart
 
-Validation conversations are built from the validation stories of --data exactly as
-train_tinystories_chat_model.py builds them (--from_stories, same seed). Reported for both
-models: the assistant-only validation loss and, on held-out "uses the words X, Y and Z"
-requests (replies sampled at --temperature, --seed), how many replies contain all three
-words and what share of the requested words appear, against the share of another request's
-words in the same replies (what chance gives: a story often holds common words anyway).
+For each model: request-following per request type (request_following.follow_rates) on
+requests made from the validation stories of --data, with the replies sampled at the chat
+REPL's defaults, and the assistant-only validation loss on conversations built from the same
+stories as train_tinystories_chat_model.py --from_stories builds them. Every "followed" share
+sits beside its control: the same check against another request's content.
+
+--forced N measures lexically constrained decoding on its own, never as part of the model's
+request-following: the first N word requests answered by constrained_beam_search with the
+words forced (4 beams), the share of replies that hold all three as words (a forced " cat"
+may still grow into "cats"), and the time a reply takes.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import json
+import statistics
+import time
+from pathlib import Path
 
 import torch
 
-from bench_utils import SHARED_DATA
+from bench_utils import SHARED_DATA, machine_line
 from bpe_tokenizer import ENDOFTEXT
-from decoding import generate
+from decoding import constrained_beam_search, word_spellings
 from evaluation import loss_totals, sequential_batches, summarize_losses, token_byte_lengths
+from request_following import CHAT_MAX_NEW_TOKENS, CHAT_SAMPLING, follow_rates, holds_words, request_tests
+from speedups import use_few_row_linear
 from tinystories_data import ChatExamples, conversations_from_stories, load_stories
 from transformer_model import load_checkpoint
 
-WORDS_REQUEST = re.compile(r"the words (\w+), (\w+) and (\w+)")
+
+def assistant_loss(model: torch.nn.Module, tokenizer, stories: list[str], seed: int, block_size: int) -> dict:
+    """The assistant-only loss on the validation conversations the fine-tuning run builds."""
+    examples = ChatExamples(conversations_from_stories(stories, seed=seed + 1), tokenizer, block_size)
+    return summarize_losses(*loss_totals(model, examples, sequential_batches(len(examples), 16), torch.device("cpu"),
+                                         None, token_byte_lengths(tokenizer)))
 
 
-def words_used(reply: str, words: tuple[str, ...]) -> int:
-    """How many of the requested words the reply contains (as whole words, any case)."""
-    found = set(re.findall(r"\w+", reply.lower()))
-    return sum(word.lower() in found for word in words)
+def forced_words(model: torch.nn.Module, tokenizer, stories: list[str], args: argparse.Namespace) -> dict:
+    """Constrained beam search on the first --forced word requests: the share of replies
+    holding all three words as words, and the median seconds a reply takes."""
+    eos = tokenizer.special_tokens[ENDOFTEXT]
+    requests = [t.request for t in request_tests(stories, args.forced, args.seed) if t.label == "words"]
+    held, seconds = 0, []
+    for request in requests:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": request.text}], add_generation_prompt=True)
+        start = time.perf_counter()
+        (tokens, _), *_ = constrained_beam_search(model, prompt, [word_spellings(tokenizer, w) for w in request.content],
+                                                  4, args.max_new_tokens, eos_token_id=eos)
+        seconds.append(time.perf_counter() - start)
+        held += holds_words(tokenizer.decode(t for t in tokens if t != eos), request.content)
+    return {"requests": len(requests), "held": held / len(requests), "median_seconds": statistics.median(seconds)}
 
 
-def main() -> None:
+def evaluate(path: str, stories: list[str], args: argparse.Namespace) -> dict:
+    model, tokenizer, _ = load_checkpoint(path, device="cpu")
+    use_few_row_linear(model)  # a speed path (speedups.py): the same tokens, faster
+    rates = follow_rates(model, tokenizer, stories, args.per_kind, args.seed, args.max_new_tokens)
+    result = {"path": path, "rates": rates, "loss": assistant_loss(model, tokenizer, stories, args.seed, args.block_size)}
+    if args.forced:
+        result["forced"] = forced_words(model, tokenizer, stories, args)
+    return result
+
+
+def table(results: dict[str, dict]) -> str:
+    """One row per request type, a followed and a control column per model; the loss last."""
+    names = list(results)
+
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    lines = [row(["request", "requests", *(f"{n} {c}" for n in names for c in ("followed", "control"))]),
+             row(["---", "---:", *(["---:"] * 2 * len(names))])]
+    for label, entry in results[names[0]]["rates"].items():
+        rates = [results[n]["rates"][label] for n in names]
+        lines.append(row([label, str(entry["requests"]),
+                          *(f"{rate[c]:.0%}" for rate in rates for c in ("followed", "control"))]))
+    losses = [results[n]["loss"] for n in names]
+    lines.append(row(["assistant-only val loss (bits/byte)", "",
+                      *(cell for loss in losses for cell in (f"{loss['val_loss']:.4f} ({loss['val_bits_per_byte']:.4f})",
+                                                             ""))]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="pretrained/tinystories_base.pth")
     parser.add_argument("--chat", default="pretrained/tinystories_chat.pth")
-    parser.add_argument("--data", default=str(SHARED_DATA))
-    parser.add_argument("--seed", type=int, default=0, help="the fine-tuning run's --seed")
+    parser.add_argument("--data", default=str(SHARED_DATA), help="its validation stories make the requests")
+    parser.add_argument("--per_kind", type=int, default=100, help="requests of each kind, as first and as second turn")
+    parser.add_argument("--seed", type=int, default=0, help="the requests' and the sampling's (and the fine-tuning run's)")
     parser.add_argument("--block_size", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--max_new_tokens", type=int, default=300)
-    parser.add_argument("--requests", type=int, default=100, help="word requests to try (at most)")
-    args = parser.parse_args()
-
-    conversations = conversations_from_stories(load_stories(args.data, "validation"), seed=args.seed + 1)
-    word_requests = [(WORDS_REQUEST.search(c[i]["content"]).groups(), c[: i + 1])
-                     for c in conversations for i in range(len(c))
-                     if c[i]["role"] == "user" and WORDS_REQUEST.search(c[i]["content"])][: args.requests]
-    print(f"{len(conversations)} validation conversations; {len(word_requests)} 'uses the words' requests\n")
-    print("| model | assistant-only val loss | perplexity | bits per byte | replies with all 3 words "
-          "| requested words used | another request's words used |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, path in (("base", args.base), ("chat", args.chat)):
-        model, tokenizer, _ = load_checkpoint(path, device="cpu")
-        examples = ChatExamples(conversations, tokenizer, args.block_size)
-        batches = sequential_batches(len(examples), 16)
-        metrics = summarize_losses(*loss_totals(model, examples, batches, torch.device("cpu"), None,
-                                                token_byte_lengths(tokenizer)))
-        eos = tokenizer.special_tokens[ENDOFTEXT]
-        all_three = used = control = 0
-        for index, (words, messages) in enumerate(word_requests):
-            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            (tokens,) = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, eos_token_id=eos,
-                                 seed=args.seed + index)
-            reply = tokenizer.decode(t for t in tokens if t != eos)
-            count = words_used(reply, words)
-            used, all_three = used + count, all_three + (count == len(words))
-            # The control: the words of the next request, which this reply was not asked for.
-            control += words_used(reply, word_requests[(index + 1) % len(word_requests)][0])
-        asked = 3 * max(len(word_requests), 1)
-        print(f"| {name} ({path}) | {metrics['val_loss']:.4f} | {metrics['val_perplexity']:.2f} | "
-              f"{metrics['val_bits_per_byte']:.4f} | {all_three}/{len(word_requests)} | {used / asked:.0%} | "
-              f"{control / asked:.0%} |", flush=True)
+    parser.add_argument("--max_new_tokens", type=int, default=CHAT_MAX_NEW_TOKENS)
+    parser.add_argument("--forced", type=int, default=0, help="also try forced words on this many word requests")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    stories = load_stories(args.data, "validation")
+    results = {name: evaluate(path, stories, args) for name, path in (("base", args.base), ("chat", args.chat))}
+    print(f"Request-following at the chat REPL's sampling {CHAT_SAMPLING}, up to {args.max_new_tokens} new tokens, "
+          f"requests from {len(stories)} validation stories of {args.data}; {machine_line()}\n")
+    print(table(results))
+    for name, result in results.items():
+        if "forced" in result:
+            forced = result["forced"]
+            print(f"\n{name}, words forced by constrained_beam_search (4 beams), not part of the table above: "
+                  f"{forced['held']:.0%} of {forced['requests']} replies hold all three as words; "
+                  f"median {forced['median_seconds']:.1f} s a reply")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":

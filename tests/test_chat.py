@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import train_tinystories_chat_model
+import training
 from bpe_tokenizer import BPETokenizer
 from conftest import REPO
 from helpers import default_ctrl_c, endless_model, record_sample_prompts, story, story_tokenizer, write_story_corpus
@@ -19,6 +20,7 @@ from test_train_tinystories_model import TINY_MODEL
 from tinystories_data import (
     ChatExamples,
     DataError,
+    FreshChatExamples,
     conversations_from_stories,
     fit_conversation,
     instruct_entries,
@@ -229,13 +231,77 @@ def test_the_sample_at_each_evaluation_is_a_reply_sent_through_the_chat_template
     train_tinystories_chat_model.main([
         "--base_model", str(base_checkpoint / "run" / "best_model.pth"), "--from_stories", str(base_checkpoint),
         "--output_dir", str(tmp_path / "chat"), "--block_size", "64", "--batch_size", "8", "--max_steps", "2",
-        "--eval_interval", "1", "--max_val_conversations", "8", "--sample_tokens", "4",
+        "--eval_interval", "1", "--max_val_conversations", "8", "--sample_tokens", "4", "--select_requests", "0",
         "--sample_prompt", "Tell me a story."])
     tokenizer = BPETokenizer.load(base_checkpoint / "tok.json")
     expected = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story."}],
                                              add_generation_prompt=True)
     assert prompts == [expected, expected]
     assert expected[0] == tokenizer.special_tokens["<user>"] and expected[-1] == tokenizer.special_tokens["<assistant>"]
+
+
+def fine_tune_args(base_checkpoint, output, *extra):
+    return ["--base_model", str(base_checkpoint / "run" / "best_model.pth"), "--from_stories", str(base_checkpoint),
+            "--output_dir", str(output), "--block_size", "64", "--batch_size", "8", "--max_val_conversations", "8",
+            "--sample_tokens", "4", "--warmup_steps", "0", *extra]
+
+
+def test_fresh_requests_are_new_every_epoch_and_the_same_for_the_same_epoch(tokenizer):
+    rng = random.Random(4)
+    stories = [" ".join(f"{rng.choice(['Tom', 'Sue', 'Max'])} saw a {word} and a {rng.choice(['ball', 'tree'])}."
+                        for word in rng.sample(["apple", "rocket", "garden", "river", "kitten", "castle", "pencil",
+                                                "window", "blanket", "cookie"], 8)) for _ in range(40)]
+    data = FreshChatExamples(stories, tokenizer, block_size=128, seed=0)
+    first_rows, first = data[3], data.conversations
+    data.set_epoch(1)
+    requests = [[[m["content"] for m in c if m["role"] == "user"] for c in epoch] for epoch in (first, data.conversations)]
+    same = sum(a == b for a, b in zip(requests[0], requests[1], strict=True))
+    assert same < len(stories) // 4  # new words, names, cut points and phrasings
+    data.set_epoch(0)
+    assert all(torch.equal(a, b) for a, b in zip(data[3], first_rows, strict=True))  # what --resume relies on
+
+
+def test_resumed_fine_tuning_with_fresh_requests_ends_with_the_same_weights(base_checkpoint, tmp_path, monkeypatch):
+    """The training conversations change every epoch; an interrupted run, resumed, still
+    reads the same rows in the same order as a straight one."""
+    args = ("--max_steps", "80", "--eval_interval", "40", "--select_requests", "0", "--dropout", "0.1")
+    train_tinystories_chat_model.main(fine_tune_args(base_checkpoint, tmp_path / "straight", *args))
+    original_step = training.train_step
+
+    def step_then_interrupt(run):
+        result = original_step(run)
+        if run.state["step"] == 45:  # in the second epoch (one is 37 steps: 300 stories, 8 a batch)
+            run.stop_requested = True
+        return result
+
+    monkeypatch.setattr(training, "train_step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt, match="--resume"):
+        train_tinystories_chat_model.main(fine_tune_args(base_checkpoint, tmp_path / "resumed", *args))
+    monkeypatch.setattr(training, "train_step", original_step)
+    train_tinystories_chat_model.main(fine_tune_args(base_checkpoint, tmp_path / "resumed", *args, "--resume"))
+    straight, resumed = (load_checkpoint(tmp_path / name / "final_model.pth")[0].state_dict()
+                         for name in ("straight", "resumed"))
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
+def test_the_best_model_is_the_one_that_follows_requests_best_not_the_lowest_loss(base_checkpoint, tmp_path,
+                                                                                 monkeypatch):
+    scores = iter([0.2, 0.9, 0.1, 0.3])
+    asked = []
+
+    def scripted_rates(model, tokenizer, stories, per_kind, seed, max_new_tokens):
+        asked.append((len(stories), per_kind, max_new_tokens))
+        return {"words": {"requests": per_kind, "followed": next(scores), "control": 0.0}}
+
+    monkeypatch.setattr(train_tinystories_chat_model, "follow_rates", scripted_rates)
+    state = train_tinystories_chat_model.main(fine_tune_args(
+        base_checkpoint, tmp_path / "chat", "--max_steps", "20", "--eval_interval", "5", "--patience", "2",
+        "--select_requests", "3", "--select_stories", "30", "--learning_rate", "3e-3"))
+    assert asked[0] == (30, 3, 32)  # held-out stories, three requests a kind, replies up to half a row
+    assert [h["score"] for h in state["history"]] == [0.2, 0.9, 0.1, 0.3]
+    assert state["history"][1]["follow/words"] == 0.9 and state["best_score"] == 0.9
+    _, _, metadata = load_checkpoint(tmp_path / "chat" / "best_model.pth")
+    assert metadata["step"] == 10
 
 
 def test_accumulated_fine_tuning_weighs_every_assistant_token_alike(base_checkpoint, tmp_path):
@@ -246,7 +312,7 @@ def test_accumulated_fine_tuning_weighs_every_assistant_token_alike(base_checkpo
             "--base_model", str(base_checkpoint / "run" / "best_model.pth"), "--from_stories", str(base_checkpoint),
             "--output_dir", str(tmp_path / name), "--block_size", "64", "--max_steps", "1", "--eval_interval", "1000",
             "--max_val_conversations", "8", "--warmup_steps", "0", "--lr_schedule", "constant", "--grad_clip", "0",
-            "--dropout", "0", "--no-amp", "--sample_tokens", "4", *extra])
+            "--dropout", "0", "--no-amp", "--sample_tokens", "4", "--select_requests", "0", *extra])
         return load_checkpoint(tmp_path / name / "final_model.pth")[0].state_dict()
 
     big, accumulated = tune("big", "--batch_size", "8"), tune("small", "--batch_size", "4", "--gradient_accumulation_steps", "2")
@@ -302,6 +368,17 @@ def test_the_repl_reads_one_message_per_line_from_a_pipe(chat_checkpoint, tmp_pa
     assert [m["role"] for m in saved] == ["system", "user", "assistant", "user", "assistant"]
 
 
+def test_a_forced_reply_uses_the_words(chat_checkpoint):
+    script = "/force\n/force bad, jig\nTell me a story.\n/history\n/quit\n"
+    result = subprocess.run([sys.executable, str(REPO / "chat_with_tinystories_model.py"), "--model_path",
+                             str(chat_checkpoint), "--max_new_tokens", "16", "--seed", "0"],
+                            input=script, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage: /force WORDS" in result.stdout and "(the next reply must use: bad, jig)" in result.stdout
+    reply = result.stdout.split("assistant: ")[1]
+    assert " bad" in reply.lower() and " jig" in reply.lower()  # " bad" or " Bad"
+
+
 @pytest.mark.parametrize("flags, message", [(["--temperature", "-1"], "temperature must be >= 0"),
                                             (["--top_p", "2"], r"top_p must be in (0, 1]"),
                                             (["--max_new_tokens", "0"], "max_new_tokens must be from 1 to")])
@@ -347,17 +424,21 @@ def test_the_repl_in_a_terminal_with_commands_ctrl_c_and_ctrl_d(endless_checkpoi
     assert child.exitstatus == 0
 
 
-def test_a_held_out_share_is_split_by_story_so_no_story_is_in_both(tmp_path):
+def test_held_out_shares_are_split_by_story_so_no_story_is_in_two_sets(tmp_path, tokenizer):
     stories = [f"Story {i} begins here. A child named Kid{i} found a red ball. The ball made Kid{i} glad. "
                f"That was story {i}." for i in range(60)]
     (tmp_path / "stories.txt").write_text("".join(s + "\n<|endoftext|>\n" for s in stories), encoding="utf-8")
     args = train_tinystories_chat_model.parse_args(["--base_model", "unused.pth", "--from_stories",
-                                                    str(tmp_path / "stories.txt"), "--val_fraction", "0.25"])
-    train, validation = train_tinystories_chat_model.split_conversations(args)
+                                                    str(tmp_path / "stories.txt"), "--val_fraction", "0.25",
+                                                    "--select_stories", "5"])
+    sets = train_tinystories_chat_model.split_data(args)
+    _, _, built = train_tinystories_chat_model.training_rows(args, tokenizer, sets)
 
     def story_numbers(conversations):  # every assistant reply names the story it comes from
         return {int(n) for c in conversations for m in c if m["role"] == "assistant"
                 for n in re.findall(r"[Ss]tory (\d+)", m["content"])}
 
-    assert len(validation) == 15 and len(train) == 45
-    assert story_numbers(train) and story_numbers(validation) and not story_numbers(train) & story_numbers(validation)
+    selected = {int(n) for text in sets["select"] for n in re.findall(r"[Ss]tory (\d+)", text)}
+    numbers = [story_numbers(built["train"]), story_numbers(built["validation"]), selected]
+    assert [len(sets[name]) for name in ("train", "validation", "select")] == [40, 15, 5]
+    assert all(numbers) and not (numbers[0] & numbers[1] or numbers[0] & numbers[2] or numbers[1] & numbers[2])

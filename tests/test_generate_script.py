@@ -64,6 +64,14 @@ def test_beam_search_prints_the_best_beams(checkpoint):
     assert "--- beam 1 (beam score" in result.stdout and "--- beam 2 (beam score" in result.stdout
 
 
+def test_forced_words_are_in_every_story(checkpoint):
+    result = run("--model_path", str(checkpoint), "--prompt", "abc", "--force_words", "bad, jig", "--num_samples", "2",
+                 "--max_new_tokens", "20")
+    assert result.returncode == 0, result.stderr
+    stories = result.stdout.split("--- beam ")[1:]
+    assert len(stories) == 2 and all(" bad" in story.lower() and " jig" in story.lower() for story in stories)
+
+
 def test_prompt_from_stdin_an_empty_prompt_and_int8(checkpoint):
     piped = run("--model_path", str(checkpoint), "--max_new_tokens", "5", stdin="ghi jab\n")
     assert piped.returncode == 0 and piped.stdout.startswith("ghi jab")
@@ -76,6 +84,7 @@ def test_prompt_from_stdin_an_empty_prompt_and_int8(checkpoint):
     (["--model_path", str(SCRIPT)], "not a readable checkpoint"),
     (["--top_p", "0"], r"top_p must be in (0, 1]"),
     (["--num_beams", "2", "--num_samples", "3"], "--num_samples 3 is more than --num_beams 2"),
+    (["--force_words", "bad jig", "--max_new_tokens", "1"], "forced words need at least"),
 ])
 def test_bad_input_is_one_clear_line(checkpoint, args, message):
     if "--model_path" not in args:

@@ -1,0 +1,158 @@
+"""Does a chat model do what it is asked? Request-following, measured per request type.
+
+    from request_following import follow_rates
+    rates = follow_rates(model, tokenizer, validation_stories, per_kind=100)
+    rates["words"]  # {"requests": 100, "followed": 0.62, "control": 0.08}
+
+The requests are made from held-out stories by tinystories_data.REQUEST_MAKERS, the makers
+training uses. The model replies through the chat template at the REPL's default sampling
+(CHAT_SAMPLING), and one check per type (CHECKS) says whether a reply did what was asked:
+- words: the reply holds all three requested words, as words, in any case;
+- name: the requested name is a character of the reply: it appears at least twice;
+- continuation: the reply keeps every character named in the opening and does not start a
+  new story ("Once upon a time").
+Each rate comes with its control: the same check of the same reply against the content of
+another request of its type, which is what a model that ignores requests scores (a story
+often holds "Lily" or "happy" anyway). Each type is also asked as the second request of a
+conversation ("words, 2nd turn"), after the model's own reply to a plain first request.
+
+The file reads top to bottom: the checks, the tests (request_tests), the replies, the rates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import regex
+
+from bpe_tokenizer import ENDOFTEXT, BPETokenizer
+from decoding import LanguageModel, generate
+from tinystories_data import PLAIN_PHRASINGS, REQUEST_MAKERS, Request
+
+# The chat REPL's default sampling (chat_with_tinystories_model.py takes its defaults from here).
+CHAT_SAMPLING = {"temperature": 0.7, "top_k": 0, "top_p": 0.95, "repetition_penalty": 1.0}
+CHAT_MAX_NEW_TOKENS = 300
+
+
+# ------------------------------------------------------------------------- the checks
+
+def _count(word: str, text: str, ignore_case: bool = False) -> int:
+    """How often word occurs in text as a whole word."""
+    return len(regex.findall(rf"\b{regex.escape(word)}\b", text, flags=regex.IGNORECASE if ignore_case else 0))
+
+
+def holds_words(reply: str, words: list[str]) -> bool:
+    """Every requested word is in the reply, as a word ("cat" is not in "catch"), in any case."""
+    return all(_count(word, reply, ignore_case=True) for word in words)
+
+
+def names_character(reply: str, names: list[str]) -> bool:
+    """The requested name is a character: it appears at least twice."""
+    return all(_count(name, reply) >= 2 for name in names)
+
+
+def continues_opening(reply: str, characters: list[str]) -> bool:
+    """The reply carries on the opening: it keeps the opening's characters and does not
+    start again with "Once upon a time"."""
+    restarts = reply.lstrip().lower().startswith("once upon a time")
+    return not restarts and all(_count(name, reply) for name in characters)
+
+
+CHECKS = {"words": holds_words, "name": names_character, "continuation": continues_opening}
+
+
+# -------------------------------------------------------------------------- the tests
+
+@dataclasses.dataclass
+class RequestTest:
+    request: Request
+    control: list[str]  # the content of another request of the same kind
+    second_turn: bool  # asked after a plain first request and the model's reply to it
+
+    @property
+    def label(self) -> str:
+        return self.request.kind + (", 2nd turn" if self.second_turn else "")
+
+
+def request_tests(stories: list[str], per_kind: int = 100, seed: int = 0) -> list[RequestTest]:
+    """per_kind requests of each kind as a first turn and per_kind more as a second turn
+    (fewer if the stories run out), each from its own story, with a checkable content
+    (a continuation needs a named character in its opening). Seeded."""
+    rng = random.Random(seed)
+    order = rng.sample(range(len(stories)), len(stories))
+    tests = []
+    for make in REQUEST_MAKERS.values():
+        made = [request for index in order if (request := make(stories[index], rng)) is not None and request.content]
+        made = made[: 2 * per_kind]
+        half = (len(made) + 1) // 2
+        for index, request in enumerate(made):
+            control = made[(index + 1) % len(made)].content
+            tests.append(RequestTest(request, control, second_turn=index >= half))
+    return tests
+
+
+# ------------------------------------------------------------------------ the replies
+
+def sample_replies(model: LanguageModel, tokenizer: BPETokenizer, conversations: list[list[dict]],
+                   max_new_tokens: int = CHAT_MAX_NEW_TOKENS, sampling: dict | None = None, seed: int = 0,
+                   batch_size: int = 16) -> list[str]:
+    """The model's reply to each conversation (which ends with a user turn), sampled in
+    batches through the chat template; seeded."""
+    eos = tokenizer.special_tokens[ENDOFTEXT]
+    replies = []
+    for start in range(0, len(conversations), batch_size):
+        prompts = [tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                   for messages in conversations[start:start + batch_size]]
+        rows = generate(model, prompts, max_new_tokens, eos_token_id=eos, seed=seed + start,
+                        **(CHAT_SAMPLING if sampling is None else sampling))
+        replies += [tokenizer.decode(t for t in row if t != eos) for row in rows]
+    return replies
+
+
+def run_request_tests(model: LanguageModel, tokenizer: BPETokenizer, tests: list[RequestTest],
+                      max_new_tokens: int = CHAT_MAX_NEW_TOKENS, sampling: dict | None = None, seed: int = 0,
+                      batch_size: int = 16) -> list[list[dict]]:
+    """Each test's whole conversation, ending with the model's reply to its request. A
+    second-turn test first gets the model's own reply to a plain request."""
+    def ask(conversations: list[list[dict]], seed: int) -> list[list[dict]]:
+        replies = sample_replies(model, tokenizer, conversations, max_new_tokens, sampling, seed, batch_size)
+        return [[*messages, {"role": "assistant", "content": reply}]
+                for messages, reply in zip(conversations, replies, strict=True)]
+
+    rng = random.Random(seed)
+    first_turns = iter(ask([[{"role": "user", "content": rng.choice(PLAIN_PHRASINGS)}]
+                            for test in tests if test.second_turn], seed + 1_000_000))
+    conversations = [[*(next(first_turns) if test.second_turn else []), {"role": "user", "content": test.request.text}]
+                     for test in tests]
+    return ask(conversations, seed)
+
+
+# -------------------------------------------------------------------------- the rates
+
+def summarize(tests: list[RequestTest], conversations: list[list[dict]]) -> dict[str, dict]:
+    """{label: {"requests", "followed", "control"}}: the share of replies that pass their
+    request's check, and the share that pass it for another request's content."""
+    rates: dict[str, dict] = {}
+    for test, messages in zip(tests, conversations, strict=True):
+        reply, check = messages[-1]["content"], CHECKS[test.request.kind]
+        entry = rates.setdefault(test.label, {"requests": 0, "followed": 0, "control": 0})
+        entry["requests"] += 1
+        entry["followed"] += check(reply, test.request.content)
+        entry["control"] += check(reply, test.control)
+    return {label: {"requests": e["requests"], "followed": e["followed"] / e["requests"],
+                    "control": e["control"] / e["requests"]} for label, e in rates.items()}
+
+
+def follow_rates(model: LanguageModel, tokenizer: BPETokenizer, stories: list[str], per_kind: int = 100,
+                 seed: int = 0, max_new_tokens: int = CHAT_MAX_NEW_TOKENS, sampling: dict | None = None,
+                 batch_size: int = 16) -> dict[str, dict]:
+    """Request-following per request type on requests made from stories (held-out ones):
+    request_tests, run_request_tests, summarize."""
+    tests = request_tests(stories, per_kind, seed)
+    return summarize(tests, run_request_tests(model, tokenizer, tests, max_new_tokens, sampling, seed, batch_size))
+
+
+def follow_score(rates: dict[str, dict]) -> float:
+    """One number to choose checkpoints by: the mean followed share over all request types."""
+    return sum(entry["followed"] for entry in rates.values()) / len(rates)
