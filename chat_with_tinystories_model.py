@@ -22,7 +22,7 @@ import torch
 
 from bpe_tokenizer import ENDOFTEXT, BPETokenizer
 from common import run_script
-from decoding import LanguageModel, check_sampling, constrained_beam_search, split_words, stream, word_spellings
+from decoding import LanguageModel, check_sampling, constrained_beam_search, split_words, stream, word_constraints
 from request_following import CHAT_MAX_NEW_TOKENS, CHAT_SAMPLING
 from speedups import filter_top_p_fast, use_few_row_linear
 from tinystories_data import fit_conversation
@@ -121,11 +121,16 @@ class ChatSession:
 
     def forced_reply(self, ids: list[int], eos: int) -> Iterator[str]:
         """The best beam that uses every /force word, all at once: a beam is only known to be
-        best when the search ends. The words are forced for this reply only."""
-        constraints = [word_spellings(self.tokenizer, word) for word in self.forced_words]
+        best when the search ends. The words are forced for this reply only; words that
+        cannot fit in max_new_tokens give a one-line note instead of a reply."""
+        constraints = word_constraints(self.tokenizer, self.forced_words)
         self.forced_words = []
-        (tokens, _), *_ = constrained_beam_search(self.model, ids, constraints, FORCE_BEAMS,
-                                                  self.settings["max_new_tokens"], eos_token_id=eos)
+        try:
+            (tokens, _), *_ = constrained_beam_search(self.model, ids, constraints, FORCE_BEAMS,
+                                                      self.settings["max_new_tokens"], eos_token_id=eos)
+        except ValueError as err:
+            yield f"[/force: {err}; /set max_new_tokens higher]"
+            return
         yield self.tokenizer.decode(t for t in tokens if t != eos)
 
     def command(self, line: str) -> str:

@@ -11,8 +11,8 @@ The file reads top to bottom:
    lengths decode together, left-padded.
 4. beam_search, on the KV cache, with Hugging Face's stopping rules.
 5. constrained_beam_search: beam search whose answers must hold given words
-   (split_words reads them as typed, word_spellings turns each into the token sequences
-   to force).
+   (split_words reads them as typed, word_constraints turns each into the token sequences
+   that spell it).
 
 Every function takes a TransformerLM, or anything with its call and attributes (config,
 new_cache: the LanguageModel protocol below), such as speedups.CompiledDecoding. speedups.filter_top_p_fast has the top-p
@@ -467,9 +467,9 @@ def beam_search(
 # Lexically constrained decoding (Hokamp & Liu 2017, "grid beam search"; Post & Vilar 2018,
 # "dynamic beam allocation"; Hugging Face's force_words_ids). Each forced word is a
 # Constraint: the token sequences that spell it, any one of which will do. A hypothesis
-# carries which words it has written; beams are chosen from "banks" of equal progress in
-# turn, so the most advanced hypothesis always gets a beam, and an answer only counts once
-# every word is in it.
+# carries which words it has written; one that could no longer write them all in the tokens
+# left is dropped; beams are chosen from "banks" of equal progress in turn, so the most
+# advanced hypothesis always gets a beam; and an answer only counts once every word is in it.
 
 Constraint = list[list[int]]  # one word: its spellings, as token ids
 
@@ -480,11 +480,18 @@ def split_words(text: str) -> list[str]:
 
 
 def word_spellings(tokenizer: BPETokenizer, word: str) -> Constraint:
-    """The ways a word is spelled inside running text: after a space, as written and
-    capitalised. "apple" -> the ids of " apple" and " Apple". Byte-level BPE encodes a
-    pre-token the same wherever it stands, so these are the word's ids in any story."""
+    """The ways a word is spelled after a space, as written and capitalised: "apple" -> the
+    ids of " apple" and " Apple". Byte-level BPE encodes a pre-token the same wherever it
+    stands, so these are the word's ids wherever it follows a space, which is almost
+    everywhere in a story (not after a quote or a newline). The ids are a prefix: " apple"
+    followed by "s" is the text "apples"."""
     forms = dict.fromkeys([word, word[:1].upper() + word[1:]])  # dict: unique and in order
     return [tokenizer.encode(" " + form) for form in forms]
+
+
+def word_constraints(tokenizer: BPETokenizer, words: list[str]) -> list[Constraint]:
+    """The constraints that force these words: each word's spellings."""
+    return [word_spellings(tokenizer, word) for word in words]
 
 
 @dataclass
@@ -502,20 +509,26 @@ def _extend(hyp: _Hypothesis, token: int, log_prob: float, constraints: list[Con
 
 
 def _progress(hyp: _Hypothesis, constraints: list[Constraint]) -> tuple[tuple[int, int], int, set[int]]:
-    """(bank, tokens to go, advancing tokens). The bank is (words met, tokens written of the
-    best-begun unmet word); tokens to go, the fewest new tokens that could still complete every
-    word; advancing, the tokens that take an unmet word one token further (or start it)."""
-    begun, to_go, advancing = 0, 0, set()
+    """(bank, tokens to go, advancing tokens).
+    - bank: (words met, tokens written of the best-begun unmet word);
+    - tokens to go: the length of one way to finish: go on with the begun word that saves
+      most, then write each other unmet word's shortest spelling. The tokens just written
+      count for one word only, since words that share them cannot all use them;
+    - advancing: the tokens that take an unmet word one token further (or start it). One of
+      them always brings tokens to go down by one."""
+    begun, shortest, saving, advancing = 0, 0, 0, set()
     for done, spellings in zip(hyp.met, constraints, strict=True):
         if done:
             continue
-        left = []
-        for spelling in spellings:
-            written = max((j for j in range(1, len(spelling)) if hyp.tokens[-j:] == spelling[:j]), default=0)
-            begun, left = max(begun, written), [*left, len(spelling) - written]
-            advancing.update({spelling[0], spelling[written]})
-        to_go += min(left)
-    return (sum(hyp.met), begun), to_go, advancing
+        # How many first tokens of each spelling the hypothesis ends with (0: none).
+        written = [max((j for j in range(1, len(s)) if hyp.tokens[-j:] == s[:j]), default=0) for s in spellings]
+        begun = max(begun, *written)
+        fewest = min(map(len, spellings))
+        shortest += fewest
+        saving = max(saving, fewest - min(len(s) - w for s, w in zip(spellings, written, strict=True)))
+        advancing.update(s[w] for s, w in zip(spellings, written, strict=True))
+        advancing.update(s[0] for s in spellings)
+    return (sum(hyp.met), begun), shortest - saving, advancing
 
 
 def _candidates(beams: list[_Hypothesis], log_probs: torch.Tensor, num_beams: int,
@@ -569,14 +582,15 @@ def constrained_beam_search(
     word (_candidates). A continuation that could no longer write every word in the tokens
     left is dropped; _allocate shares the beams between banks of equal progress among the
     rest. A hypothesis that ends (eos_token_id, or max_new_tokens) is finished only if every
-    word is met. Some continuation of a beam that can still make it always can, so from a
-    start that fits (max_new_tokens at least the words' shortest spellings together) the
-    search always ends with an answer.
+    word is met. A beam that can still make it always has a continuation that can (_progress),
+    so from a start that fits (the words' shortest spellings together within max_new_tokens)
+    the search always ends with an answer.
     """
     _check_beam_settings(num_beams, num_return_sequences, False)
     needed = sum(min(map(len, spellings)) for spellings in constraints)
     if needed > max_new_tokens:
-        raise ValueError(f"the forced words need at least {needed} tokens, more than max_new_tokens {max_new_tokens}")
+        raise ValueError(f"the forced words' shortest spellings take {needed} tokens together, more than "
+                         f"max_new_tokens {max_new_tokens}")
     rows, ids, _ = _prompt_batch(model, [prompt] if not torch.is_tensor(prompt) else prompt, bos_token_id, max_new_tokens)
     if len(rows) != 1:
         raise ValueError("constrained_beam_search takes one prompt")

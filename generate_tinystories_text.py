@@ -24,7 +24,15 @@ import torch
 
 from bpe_tokenizer import ENDOFTEXT, BPETokenizer
 from common import run_script
-from decoding import LanguageModel, beam_search, constrained_beam_search, generate, split_words, stream, word_spellings
+from decoding import (
+    LanguageModel,
+    beam_search,
+    constrained_beam_search,
+    generate,
+    split_words,
+    stream,
+    word_constraints,
+)
 from speedups import compile_decoding, filter_top_p_fast, quantize_int8, use_few_row_linear
 from transformer_model import load_checkpoint
 
@@ -114,8 +122,7 @@ def search_beams(args: argparse.Namespace, model: LanguageModel, tokenizer: BPET
                   num_return_sequences=args.num_samples, **settings)
     if not args.force_words:
         return beam_search(model, prompt_ids, **common)
-    constraints = [word_spellings(tokenizer, word) for word in args.force_words]
-    return constrained_beam_search(model, prompt_ids, constraints, **common)
+    return constrained_beam_search(model, prompt_ids, word_constraints(tokenizer, args.force_words), **common)
 
 
 def main(argv: list[str] | None = None) -> None:

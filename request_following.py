@@ -83,8 +83,13 @@ def request_tests(stories: list[str], per_kind: int = 100, seed: int = 0) -> lis
     order = rng.sample(range(len(stories)), len(stories))
     tests = []
     for make in REQUEST_MAKERS.values():
-        made = [request for index in order if (request := make(stories[index], rng)) is not None and request.content]
-        made = made[: 2 * per_kind]
+        made = []
+        for index in order:
+            request = make(stories[index], rng)
+            if request is not None and request.content:
+                made.append(request)
+            if len(made) == 2 * per_kind:
+                break
         half = (len(made) + 1) // 2
         for index, request in enumerate(made):
             control = made[(index + 1) % len(made)].content
@@ -155,4 +160,6 @@ def follow_rates(model: LanguageModel, tokenizer: BPETokenizer, stories: list[st
 
 def follow_score(rates: dict[str, dict]) -> float:
     """One number to choose checkpoints by: the mean followed share over all request types."""
+    if not rates:
+        raise ValueError("no requests to score: the stories gave none (too few, or too short)")
     return sum(entry["followed"] for entry in rates.values()) / len(rates)

@@ -584,7 +584,7 @@ def name_request(story: str, rng: random.Random) -> Request | None:
 
 def continuation_request(story: str, rng: random.Random) -> Request | None:
     """"Continue this story: <its first one or two sentences>"; the reply is the rest, and the
-    characters named in the opening are what the reply must keep."""
+    characters named in the opening who appear again in it are what a reply must keep."""
     sentences = story_sentences(story)
     if len(sentences) < 4:
         return None
@@ -593,7 +593,8 @@ def continuation_request(story: str, rng: random.Random) -> Request | None:
     rest = story[story.index(sentences[cut - 1]) + len(sentences[cut - 1]):].strip()
     if not rest:
         return None
-    characters = [name for name in story_names(story) if regex.search(rf"\b{name}\b", opening)]
+    characters = [name for name in story_names(story)
+                  if regex.search(rf"\b{name}\b", opening) and regex.search(rf"\b{name}\b", rest)]
     return Request("continuation", rng.choice(CONTINUATION_PHRASINGS).format(opening), rest, characters)
 
 

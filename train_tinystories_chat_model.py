@@ -132,7 +132,8 @@ def training_rows(args: argparse.Namespace, tokenizer: BPETokenizer,
     if args.dataset:
         return (ChatExamples(sets["train"], tokenizer, args.block_size),
                 ChatExamples(sets["validation"], tokenizer, args.block_size), {})
-    validation = conversations_from_stories(sets["validation"], seed=args.seed + 1)
+    validation = conversations_from_stories(sets["validation"], seed=args.seed + 1,
+                                            checkable_weight=args.checkable_weight)
     if args.requests == "fresh":
         train_data = FreshChatExamples(sets["train"], tokenizer, args.block_size, seed=args.seed,
                                        checkable_weight=args.checkable_weight)

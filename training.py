@@ -270,7 +270,7 @@ class EpochBatches:
         self._order: list[int] | None = None
 
     def next_indices(self) -> list[int]:
-        if self.position == self.batches_per_epoch:
+        if self.position >= self.batches_per_epoch:
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
         if self._order is None:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -305,7 +305,8 @@ def release(source: str | os.PathLike, destination: str | os.PathLike) -> None:
 @dataclasses.dataclass
 class Run:
     """What one run holds. `state` is what --resume restores besides the weights, optimizer,
-    scaler, data position and RNG: step, tokens, best_val_loss, evals_without_improvement,
+    scaler, data position and RNG: step, tokens, best_val_loss (the validation loss of the best
+    model), best_score (with a score_model: its score), evals_without_improvement,
     history (one record per evaluation), train_seconds (the run's wall time, evaluations and
     saves included) and step_seconds (the optimisation steps alone, for a throughput that
     evaluations do not dilute)."""
@@ -515,10 +516,13 @@ def sample(run: Run, prompt_ids: Callable[[str], list[int]]) -> str:
 
 def is_improvement(metrics: dict, state: dict) -> bool:
     """Better than the best model so far: a higher "score" where the run has a score_model
-    (chat: request-following), else a lower validation loss."""
+    (chat: request-following; a tie goes to the lower validation loss), else a lower
+    validation loss."""
+    lower_loss = metrics["val_loss"] < state["best_val_loss"]
     if "score" in metrics:
-        return metrics["score"] > state.get("best_score", -math.inf)
-    return metrics["val_loss"] < state["best_val_loss"]
+        best = state.get("best_score", -math.inf)
+        return metrics["score"] > best or (metrics["score"] == best and lower_loss)
+    return lower_loss
 
 
 def evaluation_says_stop(run: Run, train_loss: float, prompt_ids: Callable[[str], list[int]],
@@ -530,8 +534,10 @@ def evaluation_says_stop(run: Run, train_loss: float, prompt_ids: Callable[[str]
     if not math.isfinite(metrics["val_loss"]):
         raise TrainingError(f"the validation loss became {metrics['val_loss']} at step {state['step']}; the last "
                             f"good checkpoint is {run.out / 'last.pth'} (try a lower --learning_rate)")
-    if score_model is not None:
-        metrics.update(score_model(run.raw_model))
+    if score_model is not None:  # averaged over the processes, so that all of them choose alike
+        scores = score_model(run.raw_model)
+        totals = run.dist.sum(list(scores.values()), run.device)
+        metrics.update(zip(scores, (total / run.dist.world_size for total in totals), strict=True))
     record = {"step": state["step"], "tokens": state["tokens"], "train_loss": train_loss,
               "lr": run.optimizer.param_groups[0]["lr"], "minutes": state["train_seconds"] / 60, **metrics}
     state["history"].append(record)
@@ -647,13 +653,11 @@ def train(args: argparse.Namespace, model: TransformerLM, tokenizer: BPETokenize
           score_model: Callable[[TransformerLM], dict] | None = None) -> dict:
     """Train model with the flags of add_training_args on train_data, evaluating on val_data
     (items (inputs, targets) of one shape, targets -100 where the loss does not count);
-    returns the run's state (step, tokens, history, ...). Hooks for other scripts:
-    prompt_ids(text) encodes the sample prompt of each evaluation (default tokenizer.encode);
-    on_output_dir_ready(output_dir) runs on the main process once the output dir is claimed;
-    score_model(model) adds metrics to each evaluation, and if they hold a "score" the best
-    model (and early stopping) follows the highest score instead of the lowest loss."""
-    # Setup: processes, device, optimizer, precision, schedule; claim (or resume) the output
-    # dir; then wrap the model for DDP and torch.compile.
+    returns the run's state (step, tokens, history, ...). Hooks for other scripts: prompt_ids
+    (text) encodes each evaluation's sample prompt (default tokenizer.encode); on_output_dir_ready
+    (output_dir) runs on the main process once the dir is claimed; score_model(model) adds
+    metrics to each evaluation, and a "score" among them chooses the best model (is_improvement)."""
+    # Setup: processes, device, optimizer, precision, schedule; the output dir; DDP and compile.
     run = start_run(args, model, tokenizer, train_data, val_data, kind)
     claim_output_dir(run, on_output_dir_ready)
     wrap_model(run)

@@ -28,7 +28,7 @@ import torch
 
 from bench_utils import SHARED_DATA, machine_line
 from bpe_tokenizer import ENDOFTEXT
-from decoding import constrained_beam_search, word_spellings
+from decoding import constrained_beam_search, word_constraints
 from evaluation import loss_totals, sequential_batches, summarize_losses, token_byte_lengths
 from request_following import CHAT_MAX_NEW_TOKENS, CHAT_SAMPLING, follow_rates, holds_words, request_tests
 from speedups import use_few_row_linear
@@ -52,11 +52,12 @@ def forced_words(model: torch.nn.Module, tokenizer, stories: list[str], args: ar
     for request in requests:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": request.text}], add_generation_prompt=True)
         start = time.perf_counter()
-        (tokens, _), *_ = constrained_beam_search(model, prompt, [word_spellings(tokenizer, w) for w in request.content],
-                                                  4, args.max_new_tokens, eos_token_id=eos)
+        (tokens, _), *_ = constrained_beam_search(model, prompt, word_constraints(tokenizer, request.content), 4,
+                                                  args.max_new_tokens, eos_token_id=eos)
         seconds.append(time.perf_counter() - start)
         held += holds_words(tokenizer.decode(t for t in tokens if t != eos), request.content)
-    return {"requests": len(requests), "held": held / len(requests), "median_seconds": statistics.median(seconds)}
+    return {"requests": len(requests), "held": held / max(len(requests), 1),
+            "median_seconds": statistics.median(seconds) if seconds else 0.0}
 
 
 def evaluate(path: str, stories: list[str], args: argparse.Namespace) -> dict:

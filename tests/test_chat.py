@@ -302,6 +302,16 @@ def test_the_best_model_is_the_one_that_follows_requests_best_not_the_lowest_los
     assert state["history"][1]["follow/words"] == 0.9 and state["best_score"] == 0.9
     _, _, metadata = load_checkpoint(tmp_path / "chat" / "best_model.pth")
     assert metadata["step"] == 10
+    assert min(state["history"], key=lambda h: h["val_loss"])["step"] != 10  # the loss alone would choose another
+
+
+def test_a_tied_score_goes_to_the_lower_loss():
+    state = {"best_score": 0.5, "best_val_loss": 2.0}
+    assert training.is_improvement({"score": 0.6, "val_loss": 3.0}, state)
+    assert training.is_improvement({"score": 0.5, "val_loss": 1.9}, state)
+    assert not training.is_improvement({"score": 0.5, "val_loss": 2.1}, state)
+    assert not training.is_improvement({"score": 0.4, "val_loss": 1.0}, state)
+    assert training.is_improvement({"val_loss": 1.9}, {"best_val_loss": 2.0})  # no score: the loss decides
 
 
 def test_accumulated_fine_tuning_weighs_every_assistant_token_alike(base_checkpoint, tmp_path):
@@ -377,6 +387,15 @@ def test_a_forced_reply_uses_the_words(chat_checkpoint):
     assert "usage: /force WORDS" in result.stdout and "(the next reply must use: bad, jig)" in result.stdout
     reply = result.stdout.split("assistant: ")[1]
     assert " bad" in reply.lower() and " jig" in reply.lower()  # " bad" or " Bad"
+
+
+def test_forced_words_that_cannot_fit_are_a_note_and_the_chat_goes_on(chat_checkpoint):
+    script = "/set max_new_tokens 1\n/force bad jig\nTell me a story.\n/history\n/quit\n"
+    result = subprocess.run([sys.executable, str(REPO / "chat_with_tinystories_model.py"), "--model_path",
+                             str(chat_checkpoint), "--seed", "0"], input=script, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "[/force: the forced words' shortest spellings take" in result.stdout and "user: Tell me a story." in result.stdout
 
 
 @pytest.mark.parametrize("flags, message", [(["--temperature", "-1"], "temperature must be >= 0"),

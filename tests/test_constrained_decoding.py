@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from decoding import beam_search, constrained_beam_search, word_spellings
+from decoding import beam_search, constrained_beam_search, word_constraints, word_spellings
 from test_transformer_model import VOCAB, tiny_model, tokenizer_of_size
 from transformer_model import TransformerConfig, TransformerLM
 
@@ -54,7 +54,7 @@ def test_every_answer_holds_every_word_even_when_the_model_would_not_write_them(
     results = constrained_beam_search(model, prompt, words, num_beams=num_beams, max_new_tokens=12,
                                       num_return_sequences=num_beams, eos_token_id=7)
     assert not all(holds(greedy[0], w) for w in words)  # left to itself, the model writes other things
-    assert len(results) == num_beams  # every beam that could not make it in time was dropped
+    assert len(results) == num_beams  # each beam ends holding every word: those that could not were dropped
     for tokens, _ in results:
         assert all(holds(tokens, w) for w in words)
         assert 7 not in tokens[:-1] and len(tokens) <= 12
@@ -64,8 +64,19 @@ def test_the_shortest_spellings_must_fit_in_max_new_tokens_and_then_there_is_alw
     words = [[[1, 2, 3]], [[4], [5, 6, 7]]]
     (tokens, _), = constrained_beam_search(model, [1], words, num_beams=2, max_new_tokens=4)
     assert sorted([tokens[:3], tokens[3:]]) == [[1, 2, 3], [4]] or sorted([tokens[:1], tokens[1:]]) == [[1, 2, 3], [4]]
-    with pytest.raises(ValueError, match="forced words need at least 4 tokens, more than max_new_tokens 3"):
+    with pytest.raises(ValueError, match="shortest spellings take 4 tokens together, more than max_new_tokens 3"):
         constrained_beam_search(model, [1], words, num_beams=2, max_new_tokens=3)
+
+
+@pytest.mark.parametrize("words, max_new_tokens", [
+    ([[[1, 2, 3]], [[1, 9]]], 5),  # two words that start with the same token
+    ([[[1, 2]], [[2, 3]], [[2]]], 5),  # words that could share tokens
+    ([[[4, 5, 6], [7]], [[4, 8]]], 3),  # only the one-token spelling fits
+])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_words_that_share_tokens_still_always_get_an_answer(model, words, max_new_tokens, num_beams):
+    results = constrained_beam_search(model, [1, 2, 3], words, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    assert results and all(all(holds(tokens, w) for w in words) for tokens, _ in results)
 
 
 def test_without_words_one_beam_is_greedy(model):
@@ -88,7 +99,7 @@ def test_a_word_is_spelled_after_a_space_as_written_and_capitalised(tokenizer):
 def test_forced_words_appear_in_the_decoded_text(model, tokenizer):
     words = ["bad", "jig", "head"]
     (tokens, _), = constrained_beam_search(model, tokenizer.encode("a b c"),
-                                           [word_spellings(tokenizer, w) for w in words], num_beams=3,
+                                           word_constraints(tokenizer, words), num_beams=3,
                                            max_new_tokens=30)
     text = tokenizer.decode(tokens)
     assert all(f" {w}" in text or f" {w.capitalize()}" in text for w in words)

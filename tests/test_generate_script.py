@@ -84,7 +84,7 @@ def test_prompt_from_stdin_an_empty_prompt_and_int8(checkpoint):
     (["--model_path", str(SCRIPT)], "not a readable checkpoint"),
     (["--top_p", "0"], r"top_p must be in (0, 1]"),
     (["--num_beams", "2", "--num_samples", "3"], "--num_samples 3 is more than --num_beams 2"),
-    (["--force_words", "bad jig", "--max_new_tokens", "1"], "forced words need at least"),
+    (["--force_words", "bad jig", "--max_new_tokens", "1"], "shortest spellings take"),
 ])
 def test_bad_input_is_one_clear_line(checkpoint, args, message):
     if "--model_path" not in args:

@@ -87,6 +87,11 @@ def test_stories_follow_their_own_requests_and_a_reply_meant_for_another_passes_
         assert swapped[label]["control"] == 1.0 and swapped[label]["followed"] == 0.0
 
 
+def test_stories_that_give_no_requests_cannot_be_scored():
+    with pytest.raises(ValueError, match="no requests to score"):
+        follow_score({})
+
+
 def test_a_second_turn_comes_after_the_models_own_reply_to_a_plain_request(stories):
     tokenizer = story_tokenizer(320)
     model = tiny_model(vocab_size=tokenizer.vocab_size, max_position_embeddings=256, initializer_range=0.3)
