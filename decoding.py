@@ -386,6 +386,15 @@ def _search_is_over(best_running: float, finished: list[tuple[float, list[int]]]
     return best_running / best_length**length_penalty <= finished[-1][0]
 
 
+def _one_prompt(model: LanguageModel, prompt: list[int] | torch.Tensor, bos_token_id: int | None,
+                max_new_tokens: int, caller: str) -> torch.Tensor:
+    """The one prompt a beam search takes, as a (1, seq) tensor (see _prompt_batch)."""
+    rows, ids, _ = _prompt_batch(model, [prompt] if not torch.is_tensor(prompt) else prompt, bos_token_id, max_new_tokens)
+    if len(rows) != 1:
+        raise ValueError(f"{caller} takes one prompt")
+    return ids
+
+
 def _start_beams(model: LanguageModel, ids: torch.Tensor, num_beams: int,
                  max_new_tokens: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
     """The prompt through the model once, its cache copied to every beam. All beams start
@@ -424,9 +433,7 @@ def beam_search(
     num_beams are finished (early_stopping=True), or at max_new_tokens.
     """
     _check_beam_settings(num_beams, num_return_sequences, early_stopping)
-    rows, ids, _ = _prompt_batch(model, [prompt] if not torch.is_tensor(prompt) else prompt, bos_token_id, max_new_tokens)
-    if len(rows) != 1:
-        raise ValueError("beam_search takes one prompt")
+    ids = _one_prompt(model, prompt, bos_token_id, max_new_tokens, "beam_search")
     was_training = model.training
     model.eval()
     try:
@@ -591,9 +598,7 @@ def constrained_beam_search(
     if needed > max_new_tokens:
         raise ValueError(f"the forced words' shortest spellings take {needed} tokens together, more than "
                          f"max_new_tokens {max_new_tokens}")
-    rows, ids, _ = _prompt_batch(model, [prompt] if not torch.is_tensor(prompt) else prompt, bos_token_id, max_new_tokens)
-    if len(rows) != 1:
-        raise ValueError("constrained_beam_search takes one prompt")
+    ids = _one_prompt(model, prompt, bos_token_id, max_new_tokens, "constrained_beam_search")
     was_training = model.training
     model.eval()
     try:

@@ -1,13 +1,15 @@
 """Does fine-tuning make the model do what it is asked? Base against chat model, held-out stories.
 
     python benchmarks/eval_chat.py --base pretrained/tinystories_base.pth --chat pretrained/tinystories_chat.pth
+    python benchmarks/eval_chat.py --chat pretrained/tinystories_chat.pth tinystories_chat_model/best_model.pth
     python benchmarks/eval_chat.py --per_kind 20 --json out.json     # a quick look, kept as JSON
     python benchmarks/eval_chat.py --forced 50    # and forced words (constrained beam search), apart
 
-For each model: request-following per request type (request_following.follow_rates) on
-requests made from the validation stories of --data, with the replies sampled at the chat
-REPL's defaults, and the assistant-only validation loss on conversations built from the same
-stories as train_tinystories_chat_model.py --from_stories builds them. Every "followed" share
+For each model (the base, then each --chat model: "chat", or "chat 1", "chat 2", ...):
+request-following per request type (request_following.follow_rates) on requests made from the
+validation stories of --data, with the replies sampled at the chat REPL's defaults, and the
+assistant-only validation loss on conversations built from the same stories as
+train_tinystories_chat_model.py --from_stories builds them. Every "followed" share
 sits beside its control: the same check against another request's content.
 
 --forced N measures lexically constrained decoding on its own, never as part of the model's
@@ -93,7 +95,7 @@ def table(results: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="pretrained/tinystories_base.pth")
-    parser.add_argument("--chat", default="pretrained/tinystories_chat.pth")
+    parser.add_argument("--chat", nargs="+", default=["pretrained/tinystories_chat.pth"], help="one or more")
     parser.add_argument("--data", default=str(SHARED_DATA), help="its validation stories make the requests")
     parser.add_argument("--per_kind", type=int, default=100, help="requests of each kind, as first and as second turn")
     parser.add_argument("--seed", type=int, default=0, help="the requests' and the sampling's (and the fine-tuning run's)")
@@ -104,10 +106,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     stories = load_stories(args.data, "validation")
-    results = {name: evaluate(path, stories, args) for name, path in (("base", args.base), ("chat", args.chat))}
+    chats = {"chat": args.chat[0]} if len(args.chat) == 1 else {f"chat {i}": p for i, p in enumerate(args.chat, 1)}
+    results = {name: evaluate(path, stories, args) for name, path in {"base": args.base, **chats}.items()}
     print(f"Request-following at the chat REPL's sampling {CHAT_SAMPLING}, up to {args.max_new_tokens} new tokens, "
           f"requests from {len(stories)} validation stories of {args.data}; {machine_line()}\n")
     print(table(results))
+    print("\n" + "; ".join(f"{name}: {result['path']}" for name, result in results.items()))
     for name, result in results.items():
         if "forced" in result:
             forced = result["forced"]

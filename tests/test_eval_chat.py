@@ -1,5 +1,5 @@
-"""benchmarks/eval_chat.py end to end on two tiny checkpoints: a row per request type with its
-control for each model, the loss, and forced words measured apart."""
+"""benchmarks/eval_chat.py end to end on tiny checkpoints: a row per request type with a
+followed and a control column for each model, the loss, and forced words measured apart."""
 
 import json
 import random
@@ -11,7 +11,7 @@ from test_transformer_model import tiny_model
 from transformer_model import save_checkpoint
 
 
-def test_a_table_per_request_type_for_both_models_and_forced_words_apart(tmp_path, capsys):
+def test_a_table_per_request_type_for_every_model_and_forced_words_apart(tmp_path, capsys):
     rng = random.Random(0)
     (tmp_path / "stories_valid.txt").write_text("".join(distinct_story(rng) + "\n<|endoftext|>\n" for _ in range(30)))
     corpus = tmp_path
@@ -21,13 +21,16 @@ def test_a_table_per_request_type_for_both_models_and_forced_words_apart(tmp_pat
                            initializer_range=0.3 + 0.1 * seed)
         save_checkpoint(tmp_path / f"{name}.pth", model, tokenizer)
     results = eval_chat.main(["--base", str(tmp_path / "base.pth"), "--chat", str(tmp_path / "chat.pth"),
+                              str(tmp_path / "base.pth"),
                               "--data", str(corpus), "--per_kind", "2", "--max_new_tokens", "30", "--block_size",
                               "64", "--forced", "2", "--json", str(tmp_path / "out.json")])
     printed = capsys.readouterr().out
     labels = ["words", "name", "continuation", "words, 2nd turn", "name, 2nd turn", "continuation, 2nd turn"]
-    assert "| request | requests | base followed | base control | chat followed | chat control |" in printed
+    assert ("| request | requests | base followed | base control | chat 1 followed | chat 1 control | "
+            "chat 2 followed | chat 2 control |") in printed
     for label in labels:
         assert f"\n| {label} | 2 |" in printed
-    assert sorted(results["chat"]["rates"]) == sorted(labels)
+    assert sorted(results["chat 1"]["rates"]) == sorted(labels)
+    assert results["chat 2"]["rates"] == results["base"]["rates"]  # the same model, the same seeded replies
     assert results["base"]["forced"]["requests"] == 2 and "hold all three as words" in printed
-    assert json.loads((tmp_path / "out.json").read_text())["chat"]["loss"]["val_loss"] > 0
+    assert json.loads((tmp_path / "out.json").read_text())["chat 1"]["loss"]["val_loss"] > 0
