@@ -1,8 +1,8 @@
 """Small helpers that every script and module shares, none of them about language models.
 
 - run_script: a script's main() with one-line errors (`error: ...`, exit 1) and Ctrl-C (exit 130).
-- write_atomically: write a file through a temporary name and a rename, so a crash never
-  leaves half a file (checkpoints, tokenizers, token caches).
+- write_atomically: write a file through a temporary name, fsync and a rename, so a crash never
+  leaves half a file (checkpoints, tokenizers, token caches), and a failed write is one line.
 - pick_device, cpu_has_native_bf16, autocast_dtype, autocast: where to run, and in which
   mixed precision.
 
@@ -34,14 +34,27 @@ def run_script(main: Callable[[], object], user_errors: tuple[type[BaseException
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], object], suffix: str = "") -> None:
-    """write(temporary_path) and then rename the result to path. A rename within a folder is
-    atomic, so a reader (or a run resumed after a crash) sees the old file or the new one,
-    never half of one. suffix keeps an extension some writers insist on (np.save adds .npy)."""
+    """write(temporary_path), flush it to disk, then rename the result to path. A rename within
+    a folder is atomic, so a reader (or a run resumed after a crash) sees the old file or the
+    new one, never half of one. suffix keeps an extension some writers insist on (np.save adds
+    .npy). A write that fails (a full disk, a read-only folder, a folder at path) is an OSError
+    whose message names path and the cause; the temporary file is removed and an old file at
+    path is left as it was."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise OSError(f"cannot write {path}: it is a folder; give a file name")
     tmp = f"{path}.tmp{os.getpid()}{suffix}"
     try:
         write(tmp)
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())  # on disk before the rename makes it the file
         os.replace(tmp, path)
+    except OSError as err:
+        raise OSError(f"cannot write {path}: {err.strerror or err}") from None
+    except RuntimeError as err:  # torch.save's C++ writer reports a failed write this way
+        reason = (str(err).strip().splitlines() or ["no reason given"])[0]
+        hint = "; is the disk full?" if "unexpected pos" in reason else ""  # its words when space runs out
+        raise OSError(f"cannot write {path}: the write failed ({reason}){hint}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -22,6 +22,7 @@ filter's API and is passed as generate(..., top_p_filter=...).
 from __future__ import annotations
 
 import codecs
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -154,15 +155,16 @@ class NgramBlocker:
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> None:
-    """Raise ValueError, with the rule, for a sampling setting outside its range."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), not {temperature}")
+    """Raise ValueError, with the rule, for a sampling setting outside its range (NaN and
+    infinity included: every rule is written so that they fail it)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), not {temperature}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 turns it off), not {top_k}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], not {top_p}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), not {repetition_penalty}")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 turns it off), not {repetition_penalty}")
 
 
 # ------------------------------------------------------------ 2. the plain loop, no cache
@@ -365,7 +367,15 @@ def stream(model: LanguageModel, tokenizer: BPETokenizer, prompt: list[int], max
 
 # ----------------------------------------------------------------------- 4. beam search
 
-def _check_beam_settings(num_beams: int, num_return_sequences: int, early_stopping: bool | str) -> None:
+def check_length_penalty(length_penalty: float) -> None:
+    """Raise ValueError for a length_penalty that is NaN or infinite (any finite one is a rule)."""
+    if not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, not {length_penalty}")
+
+
+def _check_beam_settings(num_beams: int, num_return_sequences: int, early_stopping: bool | str,
+                         length_penalty: float = 1.0) -> None:
+    check_length_penalty(length_penalty)
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, not {num_beams}")
     if not 1 <= num_return_sequences <= num_beams:
@@ -432,7 +442,7 @@ def beam_search(
     current length; "never": at the longest length when length_penalty > 0), as soon as
     num_beams are finished (early_stopping=True), or at max_new_tokens.
     """
-    _check_beam_settings(num_beams, num_return_sequences, early_stopping)
+    _check_beam_settings(num_beams, num_return_sequences, early_stopping, length_penalty)
     ids = _one_prompt(model, prompt, bos_token_id, max_new_tokens, "beam_search")
     was_training = model.training
     model.eval()
@@ -593,7 +603,7 @@ def constrained_beam_search(
     so from a start that fits (the words' shortest spellings together within max_new_tokens)
     the search always ends with an answer.
     """
-    _check_beam_settings(num_beams, num_return_sequences, False)
+    _check_beam_settings(num_beams, num_return_sequences, False, length_penalty)
     needed = sum(min(map(len, spellings)) for spellings in constraints)
     if needed > max_new_tokens:
         raise ValueError(f"the forced words' shortest spellings take {needed} tokens together, more than "

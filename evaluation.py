@@ -47,11 +47,13 @@ def sequential_batches(count: int, batch_size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def loss_totals(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batches: list[list[int]],
-                device: torch.device, amp_dtype: torch.dtype | None, token_bytes: torch.Tensor) -> list[float]:
+                device: torch.device, amp_dtype: torch.dtype | None, token_bytes: torch.Tensor,
+                temperature: float = 1.0) -> list[float]:
     """[total nats, targets, UTF-8 bytes of the targets] over the given batches of dataset
-    items, the model run under autocast to amp_dtype (None: float32). Targets of -100 do not
-    count. token_bytes: see token_byte_lengths. Totals, not means, so that the shares of
-    several processes (or of several calls) add up before they are divided."""
+    items, the model run under autocast to amp_dtype (None: float32), its logits divided by
+    temperature (calibration.py fits one). Targets of -100 do not count. token_bytes: see
+    token_byte_lengths. Totals, not means, so that the shares of several processes (or of
+    several calls) add up before they are divided."""
     was_training = model.training
     model.eval()
     nats = tokens = text_bytes = 0.0
@@ -61,7 +63,10 @@ def loss_totals(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch
         with autocast(device, amp_dtype):
             logits = model(inputs).logits  # (batch, seq, vocab)
         # The loss in float32 whatever the autocast dtype, one value per target, summed below.
-        losses = F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=-100, reduction="none")
+        logits = logits.float().flatten(0, 1)  # (batch * seq, vocab)
+        if temperature != 1.0:
+            logits = logits / temperature
+        losses = F.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
         counted = targets != -100
         nats += losses.sum().item()
         tokens += counted.sum().item()
@@ -79,9 +84,9 @@ def summarize_losses(nats: float, tokens: float, text_bytes: float) -> dict:
 
 
 def windowed_metrics(model: torch.nn.Module, tokens, block_size: int, batch_size: int, device: torch.device,
-                     amp_dtype: torch.dtype | None, token_bytes: torch.Tensor) -> dict:
+                     amp_dtype: torch.dtype | None, token_bytes: torch.Tensor, temperature: float = 1.0) -> dict:
     """summarize_losses over a whole token stream cut into windows of block_size tokens (the
-    way training cuts its validation stream)."""
+    way training cuts its validation stream), the logits divided by temperature."""
     windows = TokenWindows(tokens, block_size)
     batches = sequential_batches(len(windows), batch_size)
-    return summarize_losses(*loss_totals(model, windows, batches, device, amp_dtype, token_bytes))
+    return summarize_losses(*loss_totals(model, windows, batches, device, amp_dtype, token_bytes, temperature))

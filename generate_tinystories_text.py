@@ -27,6 +27,8 @@ from common import run_script
 from decoding import (
     LanguageModel,
     beam_search,
+    check_length_penalty,
+    check_sampling,
     constrained_beam_search,
     generate,
     split_words,
@@ -76,6 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num_samples {args.num_samples} is more than --num_beams {args.num_beams} can return")
     if args.prompt and args.prompt_file:
         parser.error("give --prompt or --prompt_file, not both")
+    try:  # the sampling and beam settings, checked before the model is loaded
+        check_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+        check_length_penalty(args.length_penalty)
+    except ValueError as err:
+        parser.error(f"--{err}")
     return args
 
 

@@ -8,8 +8,8 @@ The file, top to bottom:
   validation_stories: a quick validation set for the notebooks;
 - token streams: encode_stories turns stories into one token stream, cached_tokens keeps it on
   disk so it is encoded once, TokenWindows cuts it into (inputs, targets) windows;
-- pretraining data: load_train_and_validation and prepare_pretraining_data (both sets of
-  windows, cached);
+- pretraining data: load_train_and_validation and prepare_pretraining_data (training,
+  validation and calibration windows, cached);
 - conversations: load_conversations (a "messages" column, or TinyStoriesInstruct text);
   requests made from a story (REQUEST_MAKERS: words_request, name_request,
   continuation_request), conversations_from_stories, fit_conversation; ChatExamples (rows
@@ -339,10 +339,12 @@ def source_name(dataset: str | None) -> str | None:
 
 def load_train_and_validation(dataset: str, val_dataset: str | None = None, val_fraction: float = 0.05,
                               text_column: str = "text", max_train_stories: int = 0, max_val_stories: int = 0,
-                              seed: int = 0) -> dict[str, list[str]]:
-    """{"train": stories, "validation": stories}. Validation is val_dataset (its validation
-    split, or the whole of a single file), else dataset's validation split, else a seeded
-    val_fraction of dataset's training stories (hold_out). max_*_stories > 0: a seeded sample."""
+                              seed: int = 0, calibration_stories: int = 0) -> dict[str, list[str]]:
+    """{"train": stories, "validation": stories, "calibration": stories}. Validation is
+    val_dataset (its validation split, or the whole of a single file), else dataset's
+    validation split, else a seeded val_fraction of dataset's training stories (hold_out).
+    Calibration is a seeded calibration_stories of the training stories, held out of training
+    to fit a temperature (calibration.py); none by default. max_*_stories > 0: a seeded sample."""
     train = load_stories(dataset, "train", text_column, max_train_stories, seed)
     try:
         if val_dataset:
@@ -359,37 +361,51 @@ def load_train_and_validation(dataset: str, val_dataset: str | None = None, val_
             raise DataError(f"{dataset}: {err}") from None
         if max_val_stories:
             validation = validation[:max_val_stories]
-    return {"train": train, "validation": validation}
+    calibration: list[str] = []
+    if calibration_stories:
+        try:
+            train, calibration = hold_out(train, calibration_stories, seed)
+        except DataError as err:
+            raise DataError(f"--calibration_stories {calibration_stories}: {err}") from None
+    return {"train": train, "validation": validation, "calibration": calibration}
 
 
 def prepare_pretraining_data(tokenizer: BPETokenizer, dataset: str, block_size: int, cache_dir: str | os.PathLike,
                              val_dataset: str | None = None, val_fraction: float = 0.05, text_column: str = "text",
                              max_train_stories: int = 0, max_val_stories: int = 0, seed: int = 0,
-                             num_workers: int | None = None) -> tuple[TokenWindows, TokenWindows]:
-    """Training and validation windows of block_size tokens (see load_train_and_validation
-    for where validation comes from). Both token streams are encoded once and cached under
-    cache_dir; the stories are loaded only when a stream is not cached yet. The training
-    windows move each epoch (shift_seed), the validation windows stay put."""
+                             num_workers: int | None = None, calibration_stories: int = 0) -> dict[str, TokenWindows]:
+    """{"train", "validation"} windows of block_size tokens, and "calibration" windows with
+    calibration_stories (see load_train_and_validation for where each comes from). Every
+    token stream is encoded once and cached under cache_dir; the stories are loaded only when
+    a stream is not cached yet. The training windows move each epoch (shift_seed), the others
+    stay put."""
     loaded: dict[str, list[str]] = {}
 
     def stories(role: str) -> list[str]:
         if not loaded:
             loaded.update(load_train_and_validation(dataset, val_dataset, val_fraction, text_column,
-                                                    max_train_stories, max_val_stories, seed))
+                                                    max_train_stories, max_val_stories, seed, calibration_stories))
         return loaded[role]
 
     # The key names everything the stream depends on: change any of it and it is encoded anew.
     # held_out_by: caches made before hold_out (which draws another share) are not reused.
     base_key = {"tokenizer": tokenizer.fingerprint(), "column": text_column, "seed": seed,
                 "val_dataset": source_name(val_dataset), "val_fraction": val_fraction, "held_out_by": "hold_out"}
-    streams = {}
-    for role, source, max_stories in (("train", dataset, max_train_stories),
-                                      ("validation", val_dataset or dataset, max_val_stories)):
+    roles = [("train", dataset, max_train_stories), ("validation", val_dataset or dataset, max_val_stories)]
+    if calibration_stories:
+        roles.append(("calibration", dataset, max_train_stories))
+    windows = {}
+    for role, source, max_stories in roles:
         key = {**base_key, "dataset": source_name(source), "role": role, "max_stories": max_stories}
-        streams[role] = cached_tokens(cache_dir, key, lambda role=role: encode_stories(
+        if calibration_stories and role != "validation":  # (only when set: the caches made before it stay valid)
+            key["calibration_stories"] = calibration_stories
+        tokens = cached_tokens(cache_dir, key, lambda role=role: encode_stories(
             stories(role), tokenizer, num_workers, desc=f"encoding {role} stories"))
-    return (TokenWindows(streams["train"], block_size, shift_seed=seed),
-            TokenWindows(streams["validation"], block_size))
+        try:
+            windows[role] = TokenWindows(tokens, block_size, shift_seed=seed if role == "train" else None)
+        except DataError as err:
+            raise DataError(f"the {role} stories: {err}") from None
+    return windows
 
 
 # ------------------------------------------------------------------ conversations

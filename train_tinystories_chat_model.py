@@ -91,8 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_training_args(parser, args)
     if args.dataset:
         args.select_requests = 0  # requests are made from stories; a conversation data set has none
-    if args.select_requests < 0 or args.select_stories < 1 or args.checkable_weight < 0:
-        parser.error("--select_requests and --checkable_weight must be >= 0, --select_stories >= 1")
+    if args.select_requests < 0 or args.select_stories < 1:
+        parser.error("--select_requests must be >= 0 and --select_stories >= 1")
     return args
 
 

@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--block_size", type=int, default=256)
     data.add_argument("--max_train_stories", type=int, default=0, help="a seeded sample (0 = all)")
     data.add_argument("--max_val_stories", type=int, default=0, help="a seeded sample (0 = all)")
+    data.add_argument("--calibration_stories", type=int, default=0,
+                      help="training stories held out to fit a temperature for the logits at each evaluation, "
+                      "folded into the saved best model (calibration.py; 0 = none)")
     data.add_argument("--cache_dir", default=None, help="encoded data (default: OUTPUT_DIR/data_cache)")
     data.add_argument("--num_workers", type=int, default=None, help="processes that encode the data")
     add_model_args(parser)
@@ -95,14 +98,14 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(args.tokenizer_path)
     config = model_config(args, tokenizer.vocab_size)
     # Training and validation windows, encoded once and cached (OUTPUT_DIR/data_cache by default).
-    train_data, val_data = prepare_pretraining_data(
+    data = prepare_pretraining_data(
         tokenizer, args.dataset, args.block_size, args.cache_dir or os.path.join(args.output_dir, "data_cache"),
         val_dataset=args.val_dataset, val_fraction=args.val_fraction, text_column=args.text_column,
         max_train_stories=args.max_train_stories, max_val_stories=args.max_val_stories, seed=args.seed,
-        num_workers=args.num_workers)
+        num_workers=args.num_workers, calibration_stories=args.calibration_stories)
     torch.manual_seed(args.seed)  # the same seed gives the same initial weights
     model = TransformerLM(config)
-    return train(args, model, tokenizer, train_data, val_data)
+    return train(args, model, tokenizer, data["train"], data["validation"], calibration_data=data.get("calibration"))
 
 
 if __name__ == "__main__":

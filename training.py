@@ -8,17 +8,19 @@ the learning-rate schedule. The chat script reuses the loop through three hooks 
 (`prompt_ids`, `on_output_dir_ready`, `score_model`), not by subclassing.
 
 The file, top to bottom:
-- flags: add_training_args, check_training_args, run_config (the flags that define a run);
+- flags: add_training_args, the rules for numbers (FLOAT_RULES, AT_LEAST_ONE, AT_LEAST_ZERO),
+  check_training_args, run_config (the flags that define a run);
 - the recipe: schedule_progress (by steps, or by the clock with a time budget), lr_at
   (warm-up, then cosine, linear, warmdown or no decay), CombinedOptimizer and make_optimizer
   (AdamW, or Muon for the hidden matrices with AdamW for the rest);
 - processes: Distributed and setup_distributed (torchrun: DDP over NCCL or gloo);
 - the data order: EpochBatches (seeded, split across processes, resumable);
 - is_out_of_memory, release (a best model as a 16-bit released file);
-- a run: Run (what one run holds), training_amp_dtype, start_run, log, resume, claim_output_dir,
-  save;
-- one step: train_step;
-- evaluation: evaluate, sample, is_improvement, evaluation_says_stop;
+- a run: Run (what one run holds), training_amp_dtype, start_run, log, resume,
+  clear_previous_run, claim_output_dir, save;
+- one step: diverged (the error for a loss that is no longer a number), train_step;
+- evaluation: fit_temperature (with calibration data), evaluate, sample, is_improvement,
+  evaluation_says_stop;
 - the loop: request_stop (Ctrl-C), first_step_must_fit, stop_signals, log_step, finish,
   wrap_model, close, and train.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -46,6 +49,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from bpe_tokenizer import ENDOFTEXT, BPETokenizer
+from calibration import fit_inverse_temperature, fold_temperature, temperature_derivatives
 from common import autocast, autocast_dtype, pick_device
 from decoding import generate
 from evaluation import collate, loss_totals, sequential_batches, summarize_losses, token_byte_lengths
@@ -112,15 +116,40 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float = 3e
                        help="also write the best model here: weights in 16 bits, no optimizer state")
 
 
+# Each number flag's rule, written so that NaN fails it; infinity is refused separately.
+FLOAT_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "learning_rate": (lambda v: v > 0, "a positive number"),
+    "num_epochs": (lambda v: v > 0, "a positive number"),
+    "min_lr": (lambda v: v >= 0, "0 or more"),
+    "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "grad_clip": (lambda v: v >= 0, "0 or more (0 turns clipping off)"),
+    "max_time_minutes": (lambda v: v >= 0, "0 or more (0 = no limit)"),
+    "warmdown_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "checkable_weight": (lambda v: v >= 0, "0 or more"),
+}
+AT_LEAST_ONE = ("batch_size", "gradient_accumulation_steps", "eval_interval", "block_size")
+# (These tables also hold the scripts' own data flags; each is checked where a script has it.)
+AT_LEAST_ZERO = ("max_steps", "patience", "eval_batches", "warmup_steps", "seed", "sample_tokens",
+                 "max_train_stories", "max_val_stories", "calibration_stories", "max_train_conversations",
+                 "max_val_conversations")
+
+
 def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse impossible flags through parser.error (exit 2), and fill in --min_lr."""
-    for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "block_size"):
+    """Refuse impossible flags through parser.error (exit 2) before any work starts, and fill
+    in --min_lr."""
+    for name in AT_LEAST_ONE:
         if getattr(args, name, 1) < 1:
-            parser.error(f"--{name} must be at least 1")
-    if args.learning_rate <= 0 or args.num_epochs <= 0:
-        parser.error("--learning_rate and --num_epochs must be positive")
-    if not 0 < args.warmdown_fraction <= 1:
-        parser.error(f"--warmdown_fraction must be in (0, 1], not {args.warmdown_fraction}")
+            parser.error(f"--{name} must be at least 1, not {getattr(args, name)}")
+    for name in AT_LEAST_ZERO:
+        if getattr(args, name, 0) < 0:
+            parser.error(f"--{name} must be 0 or more, not {getattr(args, name)}")
+    for name, (holds, rule) in FLOAT_RULES.items():
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and holds(value)):
+            parser.error(f"--{name} must be {rule}, not {value}")
     if args.resume and args.overwrite:
         parser.error("give --resume or --overwrite, not both")
     if args.min_lr is None:
@@ -329,6 +358,7 @@ class Run:
     state: dict
     token_bytes: torch.Tensor  # UTF-8 bytes per token id, for bits per byte
     writer: SummaryWriter | None = None  # TensorBoard, on the main process
+    calibration_data: Dataset | None = None  # held-out training text to fit a temperature on (calibration.py)
     stop_requested: bool = False  # set by Ctrl-C or SIGTERM
 
 
@@ -342,7 +372,7 @@ def training_amp_dtype(args: argparse.Namespace, device: torch.device) -> torch.
 
 
 def start_run(args: argparse.Namespace, model: TransformerLM, tokenizer: BPETokenizer, train_data: Dataset,
-              val_data: Dataset, kind: str = "pretraining") -> Run:
+              val_data: Dataset, kind: str = "pretraining", calibration_data: Dataset | None = None) -> Run:
     """Everything a run needs before its first step: the processes and the device, the model
     on it with the chunked loss switched on, AdamW, the precision, the data order and the
     number of steps. Writes nothing."""
@@ -366,7 +396,7 @@ def start_run(args: argparse.Namespace, model: TransformerLM, tokenizer: BPEToke
                # Only fp16 needs loss scaling (its range is narrow); bf16 and float32 run the scaler disabled.
                scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
                batches=batches, total_steps=total_steps, dist=distributed, device=device, out=Path(args.output_dir),
-               state=state, token_bytes=token_byte_lengths(tokenizer))
+               state=state, token_bytes=token_byte_lengths(tokenizer), calibration_data=calibration_data)
 
 
 def log(run: Run, message: str) -> None:
@@ -387,6 +417,10 @@ def resume(run: Run) -> None:
                          f"than --tokenizer_path gives ({run.tokenizer.vocab_size}); pass the run's own tokenizer")
     if payload["config"] != run.raw_model.config.to_dict():
         raise ValueError(f"--resume: the model flags differ from those of the run in {run.out}")
+    if "optimizer" not in metadata:
+        raise ValueError(f"--resume: {path} holds weights but no optimizer state (a best_model.pth or a released "
+                         "model copied over it?), so the run cannot continue exactly; put the run's own last.pth "
+                         "back, or start over with --overwrite")
     saved_optimizer = "muon" if set(metadata["optimizer"]) == {"muon", "adamw"} else "adamw"
     if saved_optimizer != run.args.optimizer:
         raise ValueError(f"--resume: the run in {run.out} trained with --optimizer {saved_optimizer}; pass that again")
@@ -399,6 +433,17 @@ def resume(run: Run) -> None:
     if torch.cuda.is_available() and metadata["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state_all(metadata["rng"]["cuda"])
     log(run, f"resumed from {path} at step {run.state['step']}")
+
+
+def clear_previous_run(run: Run) -> None:
+    """--overwrite: delete the old run's checkpoints and its TensorBoard events in OUTPUT_DIR/runs,
+    so that a new run stopped early never leaves a folder that mixes two runs. (The data cache
+    stays: its files are named by what they hold. A --log_dir elsewhere may hold other runs' logs
+    and is left alone.)"""
+    for name in ("best_model.pth", "final_model.pth", "last.pth"):
+        (run.out / name).unlink(missing_ok=True)
+    for events in (run.out / "runs").glob("events.out.tfevents.*"):
+        events.unlink()
 
 
 def claim_output_dir(run: Run, on_output_dir_ready: Callable[[Path], None] | None = None) -> None:
@@ -418,6 +463,8 @@ def claim_output_dir(run: Run, on_output_dir_ready: Callable[[Path], None] | Non
     if run.dist.world_size > 1:
         dist.barrier()  # every process has checked before the first one writes
     if run.dist.main:
+        if args.overwrite:
+            clear_previous_run(run)
         run.out.mkdir(parents=True, exist_ok=True)
         config_path.write_text(json.dumps(vars(args), indent=1, sort_keys=True) + "\n", encoding="utf-8")
         from torch.utils.tensorboard import SummaryWriter  # a slow import, only where it is used
@@ -429,8 +476,9 @@ def claim_output_dir(run: Run, on_output_dir_ready: Callable[[Path], None] | Non
             on_output_dir_ready(run.out)
 
 
-def save(run: Run, name: str, with_optimizer: bool = False) -> None:
-    """A checkpoint in the output dir (main process only); with_optimizer adds what --resume needs."""
+def save(run: Run, name: str, with_optimizer: bool = False, temperature: float = 1.0) -> None:
+    """A checkpoint in the output dir (main process only); with_optimizer adds what --resume
+    needs; a temperature other than 1 is folded into a copy of the weights (calibration.py)."""
     if not run.dist.main:
         return
     metadata = {"kind": run.kind, "state": run.state, "history": run.state["history"], "step": run.state["step"],
@@ -440,10 +488,20 @@ def save(run: Run, name: str, with_optimizer: bool = False) -> None:
                      "data": run.batches.state_dict(),
                      "rng": {"torch": torch.get_rng_state(),
                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    save_checkpoint(run.out / name, run.raw_model, run.tokenizer, **metadata)
+    model = run.raw_model if temperature == 1.0 else fold_temperature(copy.deepcopy(run.raw_model), temperature)
+    save_checkpoint(run.out / name, model, run.tokenizer, **metadata)
 
 
 # ------------------------------------------------------------------------ one step
+
+def diverged(run: Run, what: str) -> TrainingError:
+    """The error for a loss or gradient that is no longer a number: where to go back to (if
+    anything was saved yet), and what to try."""
+    last = run.out / "last.pth"
+    kept = f"the last good checkpoint is {last}" if last.exists() else "nothing was saved yet"
+    clip = ", or --grad_clip 1.0" if run.args.grad_clip == 0 else ""
+    return TrainingError(f"{what}; {kept} (try a lower --learning_rate{clip})")
+
 
 def train_step(run: Run) -> tuple[float, float]:
     """One optimizer step over gradient_accumulation_steps micro-batches; returns (loss, the
@@ -472,8 +530,7 @@ def train_step(run: Run) -> tuple[float, float]:
         with contextlib.nullcontext() if sync else run.model.no_sync(), autocast(run.device, run.amp_dtype):
             loss = run.model(inputs, targets=targets).loss * (count / mean_count)
         if not torch.isfinite(loss):
-            raise TrainingError(f"the loss became {loss.item()} at step {state['step'] + 1}; the last good "
-                                f"checkpoint is {run.out / 'last.pth'} (try a lower --learning_rate)")
+            raise diverged(run, f"the loss became {loss.item()} at step {state['step'] + 1}")
         run.scaler.scale(loss).backward()  # fp16: scaled up so small gradients do not underflow
         total += loss.item()
     # Clip the gradient norm (of the true, unscaled gradients); 0 turns clipping off.
@@ -481,8 +538,7 @@ def train_step(run: Run) -> tuple[float, float]:
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
                                                args.grad_clip if args.grad_clip > 0 else math.inf)
     if not torch.isfinite(grad_norm) and not run.scaler.is_enabled():  # (fp16's scaler skips such steps)
-        raise TrainingError(f"the gradient norm became {grad_norm.item()} at step {state['step'] + 1}; the "
-                            f"last good checkpoint is {run.out / 'last.pth'} (try a lower --learning_rate)")
+        raise diverged(run, f"the gradient norm became {grad_norm.item()} at step {state['step'] + 1}")
     # The schedule's learning rate for this step, then the update.
     progress = schedule_progress(state["step"], state["train_seconds"], args, run.total_steps)
     for group in run.optimizer.param_groups:
@@ -496,14 +552,38 @@ def train_step(run: Run) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------- evaluation
 
+def fit_temperature(run: Run) -> float:
+    """The temperature that minimises the loss on the run's calibration data (calibration.py),
+    each process summing the derivatives over its share of the batches."""
+    batches = sequential_batches(len(run.calibration_data), run.args.batch_size)[run.dist.rank :: run.dist.world_size]
+
+    def derivatives(inverse_temperature: float) -> list[float]:
+        totals = temperature_derivatives(run.raw_model, run.calibration_data, batches, run.device, run.amp_dtype,
+                                         inverse_temperature)
+        return run.dist.sum(totals, run.device)
+
+    return 1 / fit_inverse_temperature(derivatives)
+
+
 def evaluate(run: Run, max_batches: int) -> dict:
     """Validation metrics (evaluation.summarize_losses): this process's share of the first
-    max_batches batches (0: all), summed over all processes."""
+    max_batches batches (0: all), summed over all processes. With calibration data, they are
+    taken with the logits divided by the temperature fitted on it, and the temperature and the
+    uncalibrated loss and bits per byte join them."""
     batches = sequential_batches(len(run.val_data), run.args.batch_size)[run.dist.rank :: run.dist.world_size]
     if max_batches:
         batches = batches[:max_batches]
-    totals = loss_totals(run.raw_model, run.val_data, batches, run.device, run.amp_dtype, run.token_bytes)
-    return summarize_losses(*run.dist.sum(totals, run.device))
+
+    def metrics_at(temperature: float) -> dict:
+        totals = loss_totals(run.raw_model, run.val_data, batches, run.device, run.amp_dtype, run.token_bytes,
+                             temperature)
+        return summarize_losses(*run.dist.sum(totals, run.device))
+
+    if run.calibration_data is None:
+        return metrics_at(1.0)
+    temperature, uncalibrated = fit_temperature(run), metrics_at(1.0)
+    return metrics_at(temperature) | {"temperature": temperature, "val_loss_uncalibrated": uncalibrated["val_loss"],
+                                      "val_bits_per_byte_uncalibrated": uncalibrated["val_bits_per_byte"]}
 
 
 def sample(run: Run, prompt_ids: Callable[[str], list[int]]) -> str:
@@ -532,8 +612,7 @@ def evaluation_says_stop(run: Run, train_loss: float, prompt_ids: Callable[[str]
     args, state = run.args, run.state
     metrics = evaluate(run, args.eval_batches)
     if not math.isfinite(metrics["val_loss"]):
-        raise TrainingError(f"the validation loss became {metrics['val_loss']} at step {state['step']}; the last "
-                            f"good checkpoint is {run.out / 'last.pth'} (try a lower --learning_rate)")
+        raise diverged(run, f"the validation loss became {metrics['val_loss']} at step {state['step']}")
     if score_model is not None:  # averaged over the processes, so that all of them choose alike
         scores = score_model(run.raw_model)
         totals = run.dist.sum(list(scores.values()), run.device)
@@ -546,7 +625,7 @@ def evaluation_says_stop(run: Run, train_loss: float, prompt_ids: Callable[[str]
         state.update(best_val_loss=metrics["val_loss"], evals_without_improvement=0)
         if "score" in metrics:
             state["best_score"] = metrics["score"]
-        save(run, "best_model.pth")
+        save(run, "best_model.pth", temperature=metrics.get("temperature", 1.0))
     else:
         state["evals_without_improvement"] += 1
     story = sample(run, prompt_ids) if run.dist.main else ""
@@ -555,6 +634,9 @@ def evaluation_says_stop(run: Run, train_loss: float, prompt_ids: Callable[[str]
             run.writer.add_scalar(f"val/{name.removeprefix('val_')}", value, state["step"])
         run.writer.add_text("sample", f"{args.sample_prompt}{story}", state["step"])
     score = f", score {metrics['score']:.3f}" if "score" in metrics else ""
+    if "temperature" in metrics:
+        score += (f", temperature {metrics['temperature']:.3f} (at 1: "
+                  f"{metrics['val_bits_per_byte_uncalibrated']:.4f} bits/byte)")
     log(run, f"step {state['step']}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
              f"perplexity {metrics['val_perplexity']:.2f}, {metrics['val_bits_per_byte']:.4f} bits/byte{score}"
              f"{' (best)' if improved else ''}\n  sample: {(args.sample_prompt + story)[:300]!r}")
@@ -650,15 +732,15 @@ def close(run: Run) -> None:
 def train(args: argparse.Namespace, model: TransformerLM, tokenizer: BPETokenizer, train_data: Dataset,
           val_data: Dataset, kind: str = "pretraining", prompt_ids: Callable[[str], list[int]] | None = None,
           on_output_dir_ready: Callable[[Path], None] | None = None,
-          score_model: Callable[[TransformerLM], dict] | None = None) -> dict:
+          score_model: Callable[[TransformerLM], dict] | None = None, calibration_data: Dataset | None = None) -> dict:
     """Train model with the flags of add_training_args on train_data, evaluating on val_data
-    (items (inputs, targets) of one shape, targets -100 where the loss does not count);
-    returns the run's state (step, tokens, history, ...). Hooks for other scripts: prompt_ids
-    (text) encodes each evaluation's sample prompt (default tokenizer.encode); on_output_dir_ready
-    (output_dir) runs on the main process once the dir is claimed; score_model(model) adds
-    metrics to each evaluation, and a "score" among them chooses the best model (is_improvement)."""
+    (items (inputs, targets) of one shape, targets -100 where the loss does not count); returns
+    the run's state. Hooks: prompt_ids(text) encodes each evaluation's sample prompt (default
+    tokenizer.encode); on_output_dir_ready(output_dir) runs on the main process once the dir is
+    claimed; score_model(model) adds metrics to each evaluation, a "score" among them choosing
+    the best model (is_improvement); calibration_data: see evaluate and save."""
     # Setup: processes, device, optimizer, precision, schedule; the output dir; DDP and compile.
-    run = start_run(args, model, tokenizer, train_data, val_data, kind)
+    run = start_run(args, model, tokenizer, train_data, val_data, kind, calibration_data)
     claim_output_dir(run, on_output_dir_ready)
     wrap_model(run)
     prompt_ids, state = prompt_ids or tokenizer.encode, run.state

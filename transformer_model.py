@@ -118,6 +118,9 @@ class TransformerConfig:
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), not {getattr(self, name)}")
+        for name in ("rope_theta", "layer_norm_eps", "initializer_range"):  # (NaN fails 0 < v < inf too)
+            if not 0.0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, not {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:

@@ -122,7 +122,8 @@ def run_one(name: str, flags: list[str], vocab: str, options: argparse.Namespace
     state = train(argv)
     model, tokenizer, _ = load_checkpoint(out / "final_model.pth", device=options.device)
     # The validation stream the run evaluated on: the same arguments find the same cache file.
-    _, validation = prepare_pretraining_data(tokenizer, options.dataset, block, work / "data_cache", seed=options.seed)
+    validation = prepare_pretraining_data(tokenizer, options.dataset, block, work / "data_cache",
+                                          seed=options.seed)["validation"]
     token_bytes = token_byte_lengths(tokenizer)
     device = next(model.parameters()).device
     amp_dtype = None if "--no-amp" in argv else autocast_dtype(device)  # the precision the runs trained in

@@ -398,7 +398,7 @@ def test_forced_words_that_cannot_fit_are_a_note_and_the_chat_goes_on(chat_check
     assert "[/force: the forced words' shortest spellings take" in result.stdout and "user: Tell me a story." in result.stdout
 
 
-@pytest.mark.parametrize("flags, message", [(["--temperature", "-1"], "temperature must be >= 0"),
+@pytest.mark.parametrize("flags, message", [(["--temperature", "-1"], "temperature must be a finite number >= 0"),
                                             (["--top_p", "2"], r"top_p must be in (0, 1]"),
                                             (["--max_new_tokens", "0"], "max_new_tokens must be from 1 to")])
 def test_bad_sampling_flags_are_one_clear_line_before_the_chat_starts(chat_checkpoint, flags, message):
@@ -431,7 +431,9 @@ def test_the_repl_in_a_terminal_with_commands_ctrl_c_and_ctrl_d(endless_checkpoi
     child.sendintr()  # Ctrl-C stops the reply and returns to the prompt
     child.expect(r"\[stopped\]")
     child.sendline("/set temperature -1")  # refused with the rule; the REPL goes on
-    child.expect(r"/set temperature: temperature must be >= 0")
+    child.expect(r"/set temperature: temperature must be a finite number >= 0")
+    child.sendline("/set temperature nan")  # NaN fails every rule
+    child.expect(r"/set temperature: temperature must be a finite number >= 0 \(0 means greedy\), not nan")
     child.sendline("/set max_new_tokens 5")
     child.expect(r"\(max_new_tokens = 5\)")
     child.sendline("Another story, please.")  # a second full turn after the interrupted one

@@ -172,7 +172,10 @@ def test_repetition_penalty_and_no_repeat_ngrams(model):
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(temperature=-1), "temperature must be >= 0"),
+    (dict(temperature=-1), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty must be a finite number > 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(top_k=-2), "top_k must be >= 0"),
@@ -246,6 +249,7 @@ def test_beam_scores_are_length_normalised_log_probabilities(model):
 @pytest.mark.parametrize("settings, message", [
     (dict(num_beams=0), "num_beams must be >= 1"),
     (dict(num_beams=2, num_return_sequences=3), "num_return_sequences must be between 1 and num_beams"),
+    (dict(num_beams=2, length_penalty=float("nan")), "length_penalty must be a finite number, not nan"),
 ])
 def test_invalid_beam_settings_are_refused(model, settings, message):
     with pytest.raises(ValueError, match=message):

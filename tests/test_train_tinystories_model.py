@@ -173,6 +173,26 @@ def test_encoded_data_is_cached_and_reused(corpus, tmp_path, monkeypatch):
     main([*args, "--overwrite"])
 
 
+def test_overwrite_deletes_the_old_runs_checkpoints_so_an_interrupted_new_run_mixes_nothing(
+        corpus, tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    main(train_args(corpus, output, "--max_steps", "20"))
+    assert {"best_model.pth", "final_model.pth"} <= {p.name for p in output.iterdir()}
+    original_step = training.train_step
+
+    def step_then_interrupt(run):
+        result = original_step(run)
+        run.stop_requested = run.state["step"] == 3  # before the new run's first evaluation
+        return result
+
+    monkeypatch.setattr(training, "train_step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        main(train_args(corpus, output, "--max_steps", "20", "--overwrite"))
+    assert not (output / "best_model.pth").exists() and not (output / "final_model.pth").exists()
+    assert load_checkpoint(output / "last.pth")[2]["step"] == 3
+    assert len(list((output / "runs").glob("events.out.tfevents.*"))) == 1  # the new run's alone
+
+
 def test_a_single_file_holds_out_a_seeded_validation_share(corpus, tmp_path):
     args = train_args(corpus, tmp_path / "run", "--max_steps", "10", "--val_fraction", "0.1")
     args[args.index("--dataset") + 1] = str(corpus / "stories_train.txt")
@@ -190,6 +210,34 @@ def test_the_held_out_validation_share_is_hold_out_of_the_training_file(corpus):
         split["validation"][:5]
     folder = load_train_and_validation(str(corpus), val_fraction=0.1, seed=3)  # a validation file: nothing held out
     assert folder["train"] == stories and folder["validation"] == load_stories(str(corpus), "validation")
+
+
+def test_calibration_stories_are_held_out_of_the_training_stories(corpus):
+    single = str(corpus / "stories_train.txt")
+    stories = load_stories(single)
+    split = load_train_and_validation(single, val_fraction=0.1, seed=3, calibration_stories=20)
+    validation_split = hold_out(stories, 0.1, seed=3)
+    assert split["validation"] == validation_split[1]
+    assert (split["train"], split["calibration"]) == hold_out(validation_split[0], 20, seed=3)
+    assert len(split["calibration"]) == 20 and len(split["train"]) + 20 == len(validation_split[0])
+    assert load_train_and_validation(single, val_fraction=0.1, seed=3)["calibration"] == []
+    with pytest.raises(tinystories_data.DataError, match="--calibration_stories 5000"):
+        load_train_and_validation(single, calibration_stories=5000)
+
+
+def test_a_calibrated_run_saves_its_best_model_with_the_temperature_folded_in(corpus, tmp_path):
+    """Each evaluation fits a temperature on the held-out stories and scores the validation
+    windows with it; the best model's logits are the raw weights' logits over it."""
+    output = tmp_path / "run"
+    state = main(train_args(corpus, output, "--max_steps", "20", "--calibration_stories", "40", "--eval_batches", "0"))
+    best = min(state["history"], key=lambda record: record["val_loss"])
+    assert all(record["temperature"] > 0 for record in state["history"]) and best["temperature"] != 1.0
+    assert all(record["val_bits_per_byte_uncalibrated"] > 0 for record in state["history"])
+    calibrated, _, metadata = load_checkpoint(output / "best_model.pth")
+    raw, _, _ = load_checkpoint(output / "final_model.pth")  # the last step is the best here: the same weights
+    assert metadata["step"] == 20 == best["step"]
+    ids = torch.randint(0, raw.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(calibrated(ids).logits, raw(ids).logits / best["temperature"], rtol=1e-4, atol=1e-4)
 
 
 def test_training_switches_the_chunked_loss_on_and_saves_the_plain_model(corpus, tmp_path, monkeypatch):
@@ -256,6 +304,22 @@ def test_eval_model_reproduces_the_validation_figures_training_logged(corpus, tm
     assert figures["val_tokens"] == logged["val_tokens"]
     for name in ("val_loss", "val_bits_per_byte"):
         assert figures[name] == pytest.approx(logged[name], rel=1e-5)
+
+
+def test_eval_model_reproduces_a_calibrated_runs_figures_at_its_temperature(corpus, tmp_path):
+    import eval_model
+
+    state = main(train_args(corpus, tmp_path / "run", "--max_steps", "10", "--eval_batches", "0", "--no-amp",
+                            "--calibration_stories", "40"))
+    (logged,) = state["history"]  # one evaluation: the best model is the final one, calibrated
+
+    def figures(name, temperature=1.0):
+        return eval_model.evaluate_checkpoint(str(tmp_path / "run" / name), str(corpus), temperature=temperature)
+
+    assert figures("best_model.pth")["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
+    assert figures("final_model.pth", logged["temperature"])["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
+    assert figures("final_model.pth")["val_bits_per_byte"] == pytest.approx(logged["val_bits_per_byte_uncalibrated"],
+                                                                            rel=1e-5)
 
 
 def test_batches_are_split_across_processes_like_one_big_batch():
@@ -362,6 +426,28 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpu
         main(train_args(corpus, tmp_path / "run", "--max_steps", "20", "--eval_interval", "5"))
     model, _, metadata = load_checkpoint(tmp_path / "run" / "last.pth")
     assert metadata["step"] == 5 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_loss_that_diverges_before_the_first_save_names_no_checkpoint(corpus, tmp_path, monkeypatch):
+    original_step = training.train_step
+
+    def step_then_break_the_weights(run):
+        result = original_step(run)
+        with torch.no_grad():
+            run.raw_model.final_norm.weight.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(training, "train_step", step_then_break_the_weights)
+    with pytest.raises(TrainingError, match=r"the loss became nan at step 2; nothing was saved yet \(try a lower"):
+        main(train_args(corpus, tmp_path / "run", "--max_steps", "20", "--eval_interval", "5"))
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
+def test_resuming_from_a_checkpoint_without_optimizer_state_is_one_clear_line(corpus, tmp_path):
+    main(train_args(corpus, tmp_path / "run", "--max_steps", "10"))
+    (tmp_path / "run" / "best_model.pth").replace(tmp_path / "run" / "last.pth")  # a roll-back, as a user might
+    with pytest.raises(ValueError, match=r"holds weights but no optimizer state .* put the run.s own last.pth back"):
+        main(train_args(corpus, tmp_path / "run", "--max_steps", "20", "--resume"))
 
 
 @pytest.mark.parametrize("allocator_message", [

@@ -3,6 +3,7 @@ recomputation, the loss against F.cross_entropy, the model against Hugging Face 
 checkpoints against every way a file can be wrong."""
 
 import dataclasses
+import errno
 import itertools
 import math
 
@@ -101,6 +102,10 @@ def test_default_config_is_the_seeds():
     (dict(attention_impl="flash"), "attention_impl 'flash' is not one of sdpa, manual"),
     (dict(num_hidden_layers=0), "num_hidden_layers must be a positive integer"),
     (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+    (dict(dropout=float("nan")), r"dropout must be in \[0, 1\), not nan"),
+    (dict(rope_theta=0.0), "rope_theta must be a positive finite number, not 0.0"),
+    (dict(layer_norm_eps=float("nan")), "layer_norm_eps must be a positive finite number, not nan"),
+    (dict(initializer_range=float("inf")), "initializer_range must be a positive finite number, not inf"),
     (dict(hidden_size=24, num_attention_heads=8, position_embedding="rope"), "rope needs an even head size"),
 ])
 def test_invalid_configs_say_which_field_and_why(overrides, message):
@@ -368,6 +373,37 @@ def test_save_then_load_gives_identical_logits_and_metadata(tmp_path, tokenizer)
     assert metadata["step"] == 10 and metadata["history"] == history
     assert metadata["best"] == pytest.approx(3.6) and metadata["order"].tolist() == [0, 1, 2]
     assert [p.name for p in tmp_path.iterdir()] == ["model.pth"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("failure, message", [
+    # torch.save's own words when the disk fills up part-way (seen on a full disk)
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 3998"),
+     r"cannot write .*model.pth: the write failed \(\[enforce fail .*\); is the disk full\?"),
+    (OSError(errno.ENOSPC, "No space left on device"), r"cannot write .*model.pth: No space left on device"),
+    (OSError(errno.EROFS, "Read-only file system"), r"cannot write .*model.pth: Read-only file system"),
+])
+def test_a_failed_save_is_one_line_leaves_no_temporary_file_and_keeps_the_old_checkpoint(
+        tmp_path, tokenizer, monkeypatch, failure, message):
+    path = tmp_path / "model.pth"
+    save_checkpoint(path, tiny_model(), tokenizer, step=1)
+
+    def write_half_then_fail(payload, file):
+        with open(file, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise failure
+
+    monkeypatch.setattr(torch, "save", write_half_then_fail)
+    with pytest.raises(OSError, match=message):
+        save_checkpoint(path, tiny_model(hidden_size=64), tokenizer, step=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pth"]
+    monkeypatch.undo()
+    assert load_checkpoint(path)[2]["step"] == 1
+
+
+def test_a_checkpoint_path_that_is_a_folder_is_refused_before_writing(tmp_path, tokenizer):
+    with pytest.raises(OSError, match=r"cannot write .*: it is a folder; give a file name"):
+        save_checkpoint(tmp_path, tiny_model(), tokenizer)
+    assert list(tmp_path.iterdir()) == [] and list(tmp_path.parent.glob(f"{tmp_path.name}.tmp*")) == []
 
 
 def test_16_bit_checkpoints_are_half_the_size_and_load_as_float32(tmp_path, tokenizer):
