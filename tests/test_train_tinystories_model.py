@@ -411,17 +411,22 @@ def test_resuming_with_another_tokenizer_is_refused_and_writes_nothing(corpus, t
         {p: b for p, b in before.items() if "data_cache" not in p.parts}  # config.json and logs untouched
 
 
-def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+def break_the_weights_after_step(monkeypatch, step: int) -> None:
+    """From that step on, training's weights hold a NaN (as a diverging run's would)."""
     original_step = training.train_step
 
     def step_then_break_the_weights(run):
         result = original_step(run)
-        if run.state["step"] == 7:
+        if run.state["step"] == step:
             with torch.no_grad():
                 run.raw_model.final_norm.weight.fill_(float("nan"))
         return result
 
     monkeypatch.setattr(training, "train_step", step_then_break_the_weights)
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    break_the_weights_after_step(monkeypatch, 7)
     with pytest.raises(TrainingError, match=r"the loss became nan at step 8; the last good checkpoint is .*last.pth"):
         main(train_args(corpus, tmp_path / "run", "--max_steps", "20", "--eval_interval", "5"))
     model, _, metadata = load_checkpoint(tmp_path / "run" / "last.pth")
@@ -429,15 +434,7 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpu
 
 
 def test_a_loss_that_diverges_before_the_first_save_names_no_checkpoint(corpus, tmp_path, monkeypatch):
-    original_step = training.train_step
-
-    def step_then_break_the_weights(run):
-        result = original_step(run)
-        with torch.no_grad():
-            run.raw_model.final_norm.weight.fill_(float("nan"))
-        return result
-
-    monkeypatch.setattr(training, "train_step", step_then_break_the_weights)
+    break_the_weights_after_step(monkeypatch, 1)
     with pytest.raises(TrainingError, match=r"the loss became nan at step 2; nothing was saved yet \(try a lower"):
         main(train_args(corpus, tmp_path / "run", "--max_steps", "20", "--eval_interval", "5"))
     assert not (tmp_path / "run" / "last.pth").exists()
