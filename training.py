@@ -16,8 +16,8 @@ The file, top to bottom:
 - processes: Distributed and setup_distributed (torchrun: DDP over NCCL or gloo);
 - the data order: EpochBatches (seeded, split across processes, resumable);
 - is_out_of_memory, release (a best model as a 16-bit released file);
-- a run: Run (what one run holds), training_amp_dtype, start_run, log, resume,
-  clear_previous_run, claim_output_dir, save;
+- a run: Run (what one run holds), training_amp_dtype, start_run, log, check_resumed_flags
+  (RESUME_MUST_KEEP), resume, clear_previous_run, claim_output_dir, save;
 - one step: diverged (the error for a loss that is no longer a number), train_step;
 - evaluation: fit_temperature (with calibration data), evaluate, sample, is_improvement,
   evaluation_says_stop;
@@ -405,9 +405,34 @@ def log(run: Run, message: str) -> None:
         tqdm.write(message)
 
 
+# Flags whose change would make --resume read other data, or cut it differently, than the run
+# it continues: refused. Any other change (the rate, the step count, the evaluations) is allowed
+# and said. (Both scripts' data flags are here; each run has its own.)
+RESUME_MUST_KEEP = ("dataset", "val_dataset", "val_fraction", "text_column", "block_size", "batch_size",
+                    "gradient_accumulation_steps", "seed", "max_train_stories", "max_val_stories",
+                    "calibration_stories", "from_stories", "base_model", "requests", "checkable_weight",
+                    "select_requests", "select_stories", "max_train_conversations", "max_val_conversations")
+
+
+def check_resumed_flags(run: Run, saved: dict, path: Path) -> None:
+    """Refuse a changed flag of RESUME_MUST_KEEP (or a different number of processes); log
+    every other flag that differs from the saved run's."""
+    now = run_config(run.args) | {"processes": run.dist.world_size}
+    changed = {key: (saved[key], now[key]) for key in now.keys() & saved.keys() if saved[key] != now[key]}
+    refused = [key for key in changed if key in RESUME_MUST_KEEP or key == "processes"]
+    if refused:
+        raise ValueError(f"--resume: {path} was trained with " + ", ".join(
+            f"--{key} {changed[key][0]} (now {changed[key][1]})" for key in sorted(refused))
+            + "; a resumed run must read its data the same way: pass the run's own values, or start a new run")
+    if changed:
+        log(run, "--resume: continuing with changed flags: " + ", ".join(
+            f"--{key} {changed[key][1]} (was {changed[key][0]})" for key in sorted(changed)))
+
+
 def resume(run: Run) -> None:
     """Restore the run from its last.pth: weights, optimizer, scaler, data position, state and
-    RNG, after checking that the tokenizer and the model flags are the run's own."""
+    RNG, after checking that the tokenizer, the model flags and the data flags are the run's
+    own (check_resumed_flags)."""
     path = run.out / "last.pth"
     payload = read_checkpoint(path)
     metadata = payload["metadata"]
@@ -421,6 +446,8 @@ def resume(run: Run) -> None:
         raise ValueError(f"--resume: {path} holds weights but no optimizer state (a best_model.pth or a released "
                          "model copied over it?), so the run cannot continue exactly; put the run's own last.pth "
                          "back, or start over with --overwrite")
+    saved_flags = metadata.get("args", {}) | ({"processes": metadata["processes"]} if "processes" in metadata else {})
+    check_resumed_flags(run, saved_flags, path)
     saved_optimizer = "muon" if set(metadata["optimizer"]) == {"muon", "adamw"} else "adamw"
     if saved_optimizer != run.args.optimizer:
         raise ValueError(f"--resume: the run in {run.out} trained with --optimizer {saved_optimizer}; pass that again")
@@ -485,6 +512,7 @@ def save(run: Run, name: str, with_optimizer: bool = False, temperature: float =
                 "args": run_config(run.args)}
     if with_optimizer:
         metadata |= {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+                     "processes": run.dist.world_size,
                      "data": run.batches.state_dict(),
                      "rng": {"torch": torch.get_rng_state(),
                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}

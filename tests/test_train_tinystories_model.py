@@ -85,6 +85,28 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(corpus, tmp_p
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
 
 
+def test_resume_refuses_a_changed_data_flag_and_names_it(corpus, tmp_path):
+    main(train_args(corpus, tmp_path / "run", "--max_steps", "6"))
+    args = train_args(corpus, tmp_path / "run", "--max_steps", "12", "--resume")
+    args[args.index("--batch_size") + 1] = "4"
+    with pytest.raises(ValueError, match=r"was trained with --batch_size 8 \(now 4\); a resumed run must read its "
+                                         r"data the same way"):
+        main(args)
+    with pytest.raises(ValueError, match=r"--max_train_stories 0 \(now 50\), --seed 0 \(now 1\)"):
+        main([*train_args(corpus, tmp_path / "run", "--max_steps", "12", "--resume"), "--seed", "1",
+              "--max_train_stories", "50"])
+
+
+def test_resume_says_which_allowed_flags_changed(corpus, tmp_path, capsys):
+    main(train_args(corpus, tmp_path / "run", "--max_steps", "6"))
+    capsys.readouterr()
+    state = main(train_args(corpus, tmp_path / "run", "--max_steps", "12", "--resume", "--eval_interval", "4",
+                            "--learning_rate", "1e-3"))
+    assert state["step"] == 12
+    assert ("--resume: continuing with changed flags: --eval_interval 4 (was 10), --learning_rate 0.001 (was 0.003), "
+            "--max_steps 12 (was 6), --min_lr 0.0001 (was 0.00030000000000000003)") in capsys.readouterr().out
+
+
 def test_the_time_limit_counts_the_whole_run_resumes_included(corpus, tmp_path, monkeypatch):
     clock = iter(range(0, 10**6, 10))  # a clock on which every reading is 10 s after the last
     monkeypatch.setattr(training, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: next(clock))}))
