@@ -13,8 +13,8 @@ The file, top to bottom:
 - the recipe: schedule_progress (by steps, or by the clock with a time budget), lr_at
   (warm-up, then cosine, linear, warmdown or no decay), CombinedOptimizer and make_optimizer
   (AdamW, or Muon for the hidden matrices with AdamW for the rest);
-- processes: Distributed and setup_distributed (torchrun: DDP over NCCL or gloo);
-- the data order: EpochBatches (seeded, split across processes, resumable);
+- (the processes and the data order they share, Distributed, setup_distributed and
+  EpochBatches, are in processes.py);
 - is_out_of_memory, release (a best model as a 16-bit released file);
 - a run: Run (what one run holds), training_amp_dtype, start_run, log, check_resumed_flags
   (RESUME_MUST_KEEP), resume, clear_previous_run, claim_output_dir, save;
@@ -50,9 +50,10 @@ from tqdm.auto import tqdm
 
 from bpe_tokenizer import ENDOFTEXT, BPETokenizer
 from calibration import fit_inverse_temperature, fold_temperature, temperature_derivatives
-from common import autocast, autocast_dtype, pick_device
+from common import autocast, autocast_dtype
 from decoding import generate
 from evaluation import collate, loss_totals, sequential_batches, summarize_losses, token_byte_lengths
+from processes import Distributed, EpochBatches, setup_distributed
 from speedups import use_chunked_loss
 from tinystories_data import DataError
 from transformer_model import (
@@ -240,79 +241,6 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.op
     muon = torch.optim.Muon([p for p in decay if id(p) in hidden], lr=args.learning_rate,
                             weight_decay=args.weight_decay, adjust_lr_fn="match_rms_adamw")
     return CombinedOptimizer(muon=muon, adamw=adamw)
-
-
-# ----------------------------------------------------------------------- processes
-
-@dataclasses.dataclass
-class Distributed:
-    """This process's place among the processes of a torchrun job (rank 0 of 1 when alone)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def main(self) -> bool:
-        """The process that logs and writes files."""
-        return self.rank == 0
-
-    def sum(self, values: list[float], device: torch.device) -> list[float]:
-        """Element-wise sum over all processes (identity when alone)."""
-        if self.world_size == 1:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
-
-
-def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
-    """Under torchrun (RANK and WORLD_SIZE set), join the process group: NCCL between GPUs,
-    gloo on CPUs; each process takes the GPU of its LOCAL_RANK."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Distributed(), pick_device(device_name)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world_size), device
-
-
-# ---------------------------------------------------------------------- data order
-
-class EpochBatches:
-    """Which items each step reads: every epoch a fresh seeded permutation, cut into global
-    batches of batch_size x world_size items, of which each rank takes its own slice. The
-    state (epoch, batch within it) goes into checkpoints, so --resume reads on exactly where
-    the run stopped. A final incomplete batch is dropped, so every batch has the same size."""
-
-    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.batches_per_epoch = num_items // (batch_size * world_size)
-        if self.batches_per_epoch == 0:
-            raise DataError(f"{num_items} training windows are too few for one batch of {batch_size} x "
-                            f"{world_size} process(es): lower --batch_size or --block_size")
-        self.epoch, self.position = 0, 0
-        self._order: list[int] | None = None
-
-    def next_indices(self) -> list[int]:
-        if self.position >= self.batches_per_epoch:
-            self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        if self._order is None:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._order = torch.randperm(self.num_items, generator=generator).tolist()
-        start = (self.position * self.world_size + self.rank) * self.batch_size
-        self.position += 1
-        return self._order[start : start + self.batch_size]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position, self._order = state["epoch"], state["position"], None
 
 
 def is_out_of_memory(err: BaseException) -> bool:

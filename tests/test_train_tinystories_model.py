@@ -18,10 +18,11 @@ import training
 from bpe_tokenizer import BPETokenizer
 from conftest import REPO
 from helpers import default_ctrl_c, record_sample_prompts, story, story_tokenizer, write_story_corpus
+from processes import EpochBatches
 from speedups import ChunkedLossLMHead
 from tinystories_data import TokenWindows, hold_out, load_stories, load_train_and_validation
 from train_tinystories_model import main
-from training import EpochBatches, TrainingError
+from training import TrainingError
 from transformer_model import TransformerConfig, TransformerLM, load_checkpoint, read_checkpoint
 
 TINY_MODEL = ["--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "4",
