@@ -19,8 +19,8 @@ The file, top to bottom:
 - a run: Run (what one run holds), training_amp_dtype, start_run, log, check_resumed_flags
   (RESUME_MUST_KEEP), resume, clear_previous_run, claim_output_dir, save;
 - one step: diverged (the error for a loss that is no longer a number), train_step;
-- evaluation: fit_temperature (with calibration data), evaluate, sample, is_improvement,
-  evaluation_says_stop;
+- evaluation: process_share, fit_temperature (with calibration data), evaluate, sample,
+  is_improvement, evaluation_says_stop;
 - the loop: request_stop (Ctrl-C), first_step_must_fit, stop_signals, log_step, finish,
   wrap_model, close, and train.
 
@@ -334,20 +334,22 @@ def log(run: Run, message: str) -> None:
 
 
 # Flags whose change would make --resume read other data, or cut it differently, than the run
-# it continues: refused. Any other change (the rate, the step count, the evaluations) is allowed
-# and said. (Both scripts' data flags are here; each run has its own.)
+# it continues (the number of processes among them): refused. Any other change (the rate, the
+# step count, the evaluations) is allowed and said. (Both scripts' data flags are here; each run
+# has its own.)
 RESUME_MUST_KEEP = ("dataset", "val_dataset", "val_fraction", "text_column", "block_size", "batch_size",
                     "gradient_accumulation_steps", "seed", "max_train_stories", "max_val_stories",
                     "calibration_stories", "from_stories", "base_model", "requests", "checkable_weight",
-                    "select_requests", "select_stories", "max_train_conversations", "max_val_conversations")
+                    "select_requests", "select_stories", "max_train_conversations", "max_val_conversations",
+                    "processes")
 
 
 def check_resumed_flags(run: Run, saved: dict, path: Path) -> None:
-    """Refuse a changed flag of RESUME_MUST_KEEP (or a different number of processes); log
-    every other flag that differs from the saved run's."""
+    """Refuse a changed flag of RESUME_MUST_KEEP; log every other flag that differs from the
+    saved run's."""
     now = run_config(run.args) | {"processes": run.dist.world_size}
     changed = {key: (saved[key], now[key]) for key in now.keys() & saved.keys() if saved[key] != now[key]}
-    refused = [key for key in changed if key in RESUME_MUST_KEEP or key == "processes"]
+    refused = [key for key in changed if key in RESUME_MUST_KEEP]
     if refused:
         raise ValueError(f"--resume: {path} was trained with " + ", ".join(
             f"--{key} {changed[key][0]} (now {changed[key][1]})" for key in sorted(refused))
@@ -508,10 +510,15 @@ def train_step(run: Run) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------- evaluation
 
+def process_share(run: Run, dataset: Dataset) -> list[list[int]]:
+    """This process's share of dataset's items in order, in batches (evaluation.sequential_batches)."""
+    return sequential_batches(len(dataset), run.args.batch_size)[run.dist.rank :: run.dist.world_size]
+
+
 def fit_temperature(run: Run) -> float:
     """The temperature that minimises the loss on the run's calibration data (calibration.py),
     each process summing the derivatives over its share of the batches."""
-    batches = sequential_batches(len(run.calibration_data), run.args.batch_size)[run.dist.rank :: run.dist.world_size]
+    batches = process_share(run, run.calibration_data)
 
     def derivatives(inverse_temperature: float) -> list[float]:
         totals = temperature_derivatives(run.raw_model, run.calibration_data, batches, run.device, run.amp_dtype,
@@ -526,7 +533,7 @@ def evaluate(run: Run, max_batches: int) -> dict:
     max_batches batches (0: all), summed over all processes. With calibration data, they are
     taken with the logits divided by the temperature fitted on it, and the temperature and the
     uncalibrated loss and bits per byte join them."""
-    batches = sequential_batches(len(run.val_data), run.args.batch_size)[run.dist.rank :: run.dist.world_size]
+    batches = process_share(run, run.val_data)
     if max_batches:
         batches = batches[:max_batches]
 
