@@ -18,7 +18,7 @@ they map straight to their own id and never take part in merges.
 
 The file, top to bottom:
 
-- constants: GPT-2's split pattern, the special tokens, the file format, size limits;
+- constants: GPT-2's split pattern and those a file may name (KNOWN_SPLIT_PATTERNS), the special tokens, the file format, size limits;
 - helpers: GPT-2's byte <-> printable character map (bytes_to_unicode, bytes_to_text,
   text_to_bytes), merge_pair (one merge applied to a list of ids), the special-token regex
   and the cache of encoded pre-tokens;
@@ -41,6 +41,7 @@ import heapq
 import json
 import multiprocessing
 import os
+import signal
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache, partial
@@ -57,6 +58,11 @@ from common import write_atomically
 # whitespace not followed by a non-space (so a space is left to start the next word),
 # and any other whitespace.
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# The split patterns a tokenizer file may name. A file's pattern runs on every text encoded,
+# and a crafted one (say `(a|aa)+b|.`) backtracks for hours on a short prompt, so a file with
+# any other is refused. Researchers with a pattern of their own add it here.
+KNOWN_SPLIT_PATTERNS = {"GPT-2": GPT2_SPLIT_PATTERN}
 
 ENDOFTEXT = "<|endoftext|>"
 DEFAULT_SPECIAL_TOKENS = [ENDOFTEXT, "<user>", "<assistant>", "<system>"]
@@ -178,6 +184,9 @@ _worker_tokenizer: BPETokenizer | None = None
 def _init_worker(tokenizer: BPETokenizer | None) -> None:
     global _worker_tokenizer
     _worker_tokenizer = tokenizer
+    # Ctrl-C reaches every process of the terminal's group: the parent alone handles it (its
+    # pool terminates the workers), so the user sees one message, not a traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _encode_in_worker(text: str, allowed_special: str | Iterable[str]) -> list[int]:
@@ -722,6 +731,10 @@ class BPETokenizer:
             raise TokenizerFileError(f"{source}: not a tokenizer file of this project (no \"format\": \"{FILE_FORMAT}\")")
         if data.get("version") != FILE_VERSION:
             raise TokenizerFileError(f"{source}: tokenizer file version {data.get('version')!r}, this code reads {FILE_VERSION}")
+        if "pattern" in data and data["pattern"] not in KNOWN_SPLIT_PATTERNS.values():
+            raise TokenizerFileError(f"{source}: its split pattern is not one of KNOWN_SPLIT_PATTERNS "
+                                     f"({', '.join(KNOWN_SPLIT_PATTERNS)}): refused, since a crafted pattern can hang "
+                                     "the program; add your own to bpe_tokenizer.py to use it")
         try:
             vocab = {i: text_to_bytes(token) for i, token in enumerate(data["vocab"])}
             merges = [(text_to_bytes(a), text_to_bytes(b)) for a, b in data["merges"]]

@@ -14,14 +14,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from bpe_tokenizer import ENDOFTEXT, BPETokenizer
-from common import run_script
+from common import run_script, write_atomically
 from decoding import LanguageModel, check_sampling, constrained_beam_search, split_words, stream, word_constraints
 from request_following import CHAT_MAX_NEW_TOKENS, CHAT_SAMPLING
 from speedups import filter_top_p_fast, use_few_row_linear
@@ -36,7 +38,7 @@ HELP = """commands:
   /set NAME VALUE       temperature, top_k, top_p, max_new_tokens, repetition_penalty or seed
   /force WORDS          the next reply must use these words (a beam search, printed when done)
   /history              show the conversation
-  /save FILE            write the conversation as JSON ({"messages": [...]})
+  /save FILE            write the conversation as JSON ({"messages": [...]}) to a new file
   /quit                 leave (Ctrl-D works too); Ctrl-C stops a reply"""
 SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "max_new_tokens": int,
             "repetition_penalty": float, "seed": int}
@@ -133,6 +135,17 @@ class ChatSession:
             return
         yield self.tokenizer.decode(t for t in tokens if t != eos)
 
+    def save(self, path: str) -> str:
+        """/save: the conversation as JSON in a new file; an existing file is never replaced."""
+        if os.path.lexists(path):
+            return f"/save: {path} exists; give a new file name"
+        text = json.dumps({"messages": self.conversation()}, ensure_ascii=False, indent=1)
+        try:
+            write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        except OSError as err:
+            return f"/save: {err}"
+        return f"(saved to {path})"
+
     def command(self, line: str) -> str:
         """Run a /command; returns what to print."""
         name, _, rest = line[1:].partition(" ")
@@ -148,14 +161,7 @@ class ChatSession:
         if name == "history":
             return "\n".join(f"{m['role']}: {m['content']}" for m in self.conversation()) or "(empty)"
         if name == "save":
-            if not rest:
-                return "usage: /save FILE"
-            try:
-                Path(rest).write_text(json.dumps({"messages": self.conversation()}, ensure_ascii=False, indent=1),
-                                      encoding="utf-8")
-            except OSError as err:
-                return f"cannot write {rest}: {err.strerror}"
-            return f"(saved to {rest})"
+            return self.save(rest) if rest else "usage: /save FILE"
         if name == "force":
             self.forced_words = split_words(rest)
             return f"(the next reply must use: {', '.join(self.forced_words)})" if self.forced_words else \
@@ -180,8 +186,9 @@ class ChatSession:
 
 
 def clean(line: str) -> str:
-    """Drop control characters (a stray escape or NUL from a paste); keep tabs and all text."""
-    return "".join(c for c in line if c == "\t" or c.isprintable()).strip()
+    """Drop control characters (a stray escape or NUL from a paste); keep tabs and all text,
+    invisible format characters included (the zero-width joiner holds a family emoji together)."""
+    return "".join(c for c in line if c == "\t" or unicodedata.category(c) != "Cc").strip()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,12 @@
 """Small helpers that every script and module shares, none of them about language models.
 
-- run_script: a script's main() with one-line errors (`error: ...`, exit 1) and Ctrl-C (exit 130).
+- Interrupted, run_script: a script's main() with one-line errors (`error: ...`, exit 1) and
+  signals (exit 128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP).
+- output_path_problem, check_output_paths: refuse output files and folders that cannot be
+  written, before any work.
 - write_atomically: write a file through a temporary name, fsync and a rename, so a crash never
-  leaves half a file (checkpoints, tokenizers, token caches), and a failed write is one line.
+  leaves half a file (checkpoints, tokenizers, token caches), and a failed write is one line;
+  temporary files that killed processes left behind are removed.
 - pick_device, cpu_has_native_bf16, autocast_dtype, autocast: where to run, and in which
   mixed precision.
 
@@ -11,26 +15,88 @@ It imports neither `datasets` nor any module of this project, so any script can 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 
+class Interrupted(KeyboardInterrupt):
+    """A script stopped by a signal after it has cleaned up (a training run: after saving);
+    the message says what was kept and how to go on."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
 def run_script(main: Callable[[], object], user_errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> None:
     """Run a script's main(). A user error (a bad path, a damaged file, data that cannot be
-    used) prints one line, `error: ...`, and exits with status 1; Ctrl-C exits with 130,
-    after the script's own message (say, how to resume) if it gave one."""
+    used) prints one line, `error: ...`, and exits with status 1. A signal prints the script's
+    own message (say, how to resume) if it gave one, and exits with 128 + the signal's number,
+    as a shell reports a process the signal killed: 130 for Ctrl-C, 143 for SIGTERM."""
     try:
         main()
     except KeyboardInterrupt as interrupt:
         print(f"\n{str(interrupt) or 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + getattr(interrupt, "signum", signal.SIGINT))
     except user_errors as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+def output_path_problem(path: str | os.PathLike, folder: bool = False) -> str | None:
+    """Why path cannot be written as a file (or, with folder, as a folder), or None: the other
+    kind is there, a file stands where a parent folder should be, or the folder is read-only."""
+    path = Path(path).absolute()
+    if path.exists() and path.is_dir() != folder:
+        return f"it is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file name'}"
+    existing = path if folder and path.is_dir() else path.parent
+    while not existing.exists():  # the folders still to be made
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable (read-only?); choose another place"
+    return None
+
+
+def check_output_paths(parser: argparse.ArgumentParser, args: argparse.Namespace, files: tuple[str, ...] = (),
+                       folders: tuple[str, ...] = ()) -> None:
+    """parser.error (exit 2) for the first of these flags whose path cannot be written; run
+    before any work, so a bad path never costs a finished run. Unset flags are skipped."""
+    for flag in (*files, *folders):
+        path = getattr(args, flag)
+        problem = path and output_path_problem(path, folder=flag in folders)
+        if problem:
+            parser.error(f"--{flag} {path}: {problem}")
+
+
+def process_is_alive(pid: int) -> bool:
+    """Whether a process with this id exists (signal 0 only asks)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, and belongs to another user
+        pass
+    return True
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """Remove path's temporary files (path.tmpPID...) whose process is gone: a run killed in
+    the middle of a save (kill -9, a power cut) leaves one, and it may be large."""
+    folder, name = os.path.split(path)
+    for entry in os.scandir(folder or "."):
+        pid = entry.name[len(name) + 4 :].split(".")[0] if entry.name.startswith(f"{name}.tmp") else ""
+        if pid.isdigit() and not process_is_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(entry.path)
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], object], suffix: str = "") -> None:
@@ -45,6 +111,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object], su
         raise OSError(f"cannot write {path}: it is a folder; give a file name")
     tmp = f"{path}.tmp{os.getpid()}{suffix}"
     try:
+        remove_stale_temporaries(path)
         write(tmp)
         with open(tmp, "rb+") as written:
             os.fsync(written.fileno())  # on disk before the rename makes it the file

@@ -8,7 +8,9 @@ beam search that must use given words (--force_words).
     python generate_tinystories_text.py --force_words "apple, rocket, blue"
 
 The prompt comes from --prompt (repeatable), --prompt_file, or standard input; an empty
-prompt starts a story from scratch. On a terminal the text streams as it is written.
+prompt starts a story from scratch. A prompt is text: a typed `<|endoftext|>` or `<user>` is
+encoded as those characters, not as the special token, as in the chat. On a terminal the text
+streams as it is written.
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
                 return [f.read().rstrip("\n")]
         except OSError as err:
             raise ValueError(f"--prompt_file {args.prompt_file}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--prompt_file {args.prompt_file}: not UTF-8 text; save it as UTF-8") from None
     if not sys.stdin.isatty():
         return [sys.stdin.read().rstrip("\n")]
     return ["Once upon a time"]
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
 
     compiling = args.compile  # the first story's time includes compiling the decoding step
     for prompt in read_prompts(args):
-        prompt_ids = tokenizer.encode(prompt)
+        prompt_ids = tokenizer.encode(prompt, allowed_special="none")
         if args.num_beams > 1 or args.force_words:
             start = time.perf_counter()
             results = search_beams(args, model, tokenizer, prompt_ids, settings)

@@ -290,7 +290,10 @@ def cached_tokens(cache_dir: str | os.PathLike, key: dict, build: Callable[[], n
         # np.save appends .npy to a name without it, so the temporary name keeps the suffix.
         write_atomically(path, lambda tmp: np.save(tmp, tokens), suffix=".npy")
         path.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    return np.load(path, mmap_mode="r")
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as err:  # written atomically, so damaged afterwards
+        raise DataError(f"the token cache {path} is damaged ({err}); delete it, and it is built again") from None
 
 
 class TokenWindows(torch.utils.data.Dataset):

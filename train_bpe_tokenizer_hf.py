@@ -15,7 +15,7 @@ import argparse
 import time
 
 from bpe_tokenizer import DEFAULT_SPECIAL_TOKENS, BPETokenizer
-from common import run_script
+from common import check_output_paths, run_script
 from gpt2_interop import save_hf_tokenizer
 from tinystories_data import DEFAULT_DATASET, hold_out, load_stories
 
@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--sample and --heldout must be >= 0")
     if len(set(args.special_tokens)) != len(args.special_tokens) or "" in args.special_tokens:
         parser.error("--special_tokens must be distinct and non-empty")
+    check_output_paths(parser, args, files=("output", "hf_output"))
     return args
 
 

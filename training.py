@@ -9,7 +9,7 @@ the learning-rate schedule. The chat script reuses the loop through three hooks 
 
 The file, top to bottom:
 - flags: add_training_args, the rules for numbers (FLOAT_RULES, AT_LEAST_ONE, AT_LEAST_ZERO),
-  check_training_args, run_config (the flags that define a run);
+  check_training_args (the output paths too), run_config (the flags that define a run);
 - the recipe: schedule_progress (by steps, or by the clock with a time budget), lr_at
   (warm-up, then cosine, linear, warmdown or no decay), CombinedOptimizer and make_optimizer
   (AdamW, or Muon for the hidden matrices with AdamW for the rest);
@@ -21,7 +21,7 @@ The file, top to bottom:
 - one step: diverged (the error for a loss that is no longer a number), train_step;
 - evaluation: process_share, fit_temperature (with calibration data), evaluate, sample,
   is_improvement, evaluation_says_stop;
-- the loop: request_stop (Ctrl-C), first_step_must_fit, stop_signals, log_step, finish,
+- the loop: STOP_SIGNALS and request_stop (Ctrl-C, SIGTERM, SIGHUP), first_step_must_fit, stop_signals, log_step, finish,
   wrap_model, close, and train.
 
 Every run writes best_model.pth, final_model.pth, last.pth (with the optimizer, scaler, data
@@ -39,6 +39,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,7 +51,7 @@ from tqdm.auto import tqdm
 
 from bpe_tokenizer import ENDOFTEXT, BPETokenizer
 from calibration import fit_inverse_temperature, fold_temperature, temperature_derivatives
-from common import autocast, autocast_dtype
+from common import Interrupted, autocast, autocast_dtype, check_output_paths, write_atomically
 from decoding import generate
 from evaluation import collate, loss_totals, sequential_batches, summarize_losses, token_byte_lengths
 from processes import Distributed, EpochBatches, setup_distributed
@@ -153,6 +154,7 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
             parser.error(f"--{name} must be {rule}, not {value}")
     if args.resume and args.overwrite:
         parser.error("give --resume or --overwrite, not both")
+    check_output_paths(parser, args, files=("release_to",), folders=("output_dir", "log_dir"))
     if args.min_lr is None:
         args.min_lr = args.learning_rate / 10
 
@@ -287,7 +289,7 @@ class Run:
     token_bytes: torch.Tensor  # UTF-8 bytes per token id, for bits per byte
     writer: SummaryWriter | None = None  # TensorBoard, on the main process
     calibration_data: Dataset | None = None  # held-out training text to fit a temperature on (calibration.py)
-    stop_requested: bool = False  # set by Ctrl-C or SIGTERM
+    stop_signal: int = 0  # the signal (Ctrl-C, SIGTERM, SIGHUP) that asked the run to stop; 0 for none
 
 
 def training_amp_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
@@ -409,8 +411,12 @@ def claim_output_dir(run: Run, on_output_dir_ready: Callable[[Path], None] | Non
     main process)."""
     args, config_path = run.args, run.out / "config.json"
     if config_path.exists() and not (args.resume or args.overwrite):
-        old = run_config(argparse.Namespace(**json.loads(config_path.read_text(encoding="utf-8"))))
-        differs = "a run with a different config" if old != run_config(args) else "a run already"
+        try:
+            old = run_config(argparse.Namespace(**json.loads(config_path.read_text(encoding="utf-8"))))
+        except (ValueError, TypeError):  # damaged: it holds a run all the same
+            old = None
+        differs = ("a run whose config.json is damaged" if old is None else
+                   "a run with a different config" if old != run_config(args) else "a run already")
         raise ValueError(f"{run.out} holds {differs}: pass --resume to continue it or --overwrite to start over "
                          "(or choose another --output_dir)")
     if args.resume:
@@ -423,7 +429,8 @@ def claim_output_dir(run: Run, on_output_dir_ready: Callable[[Path], None] | Non
         if args.overwrite:
             clear_previous_run(run)
         run.out.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(json.dumps(vars(args), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        config = json.dumps(vars(args), indent=1, sort_keys=True) + "\n"
+        write_atomically(config_path, lambda tmp: Path(tmp).write_text(config, encoding="utf-8"))
         from torch.utils.tensorboard import SummaryWriter  # a slow import, only where it is used
 
         # A resumed run drops the logged steps after last.pth, which it is about to redo.
@@ -608,14 +615,23 @@ def evaluation_says_stop(run: Run, train_loss: float, prompt_ids: Callable[[str]
 
 # ------------------------------------------------------------------------ the loop
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def request_stop(run: Run, signum: int, frame: object) -> None:
-    """The Ctrl-C and SIGTERM handler: the first asks the loop to save and stop after this
-    step; a second quits at once, without saving."""
-    if run.stop_requested:
+    """The handler of STOP_SIGNALS: the first asks the loop to save and stop after this step;
+    a second quits at once, without saving. SIGHUP means the terminal has closed: output goes
+    to /dev/null from then on, since writing to a closed terminal would fail before the save."""
+    if run.stop_signal:
         raise KeyboardInterrupt
-    run.stop_requested = True
-    log(run, f"\n{signal.Signals(signum).name}: stopping after this step and saving {run.out / 'last.pth'} "
-             "(press Ctrl-C again to quit without saving)")
+    run.stop_signal = signum
+    with contextlib.suppress(OSError):
+        log(run, f"\n{signal.Signals(signum).name}: stopping after this step and saving {run.out / 'last.pth'} "
+                 "(press Ctrl-C again to quit without saving)")
+    if signum == signal.SIGHUP:
+        with open(os.devnull, "w") as devnull:
+            for stream in (sys.stdout, sys.stderr):
+                os.dup2(devnull.fileno(), stream.fileno())
 
 
 @contextlib.contextmanager
@@ -632,11 +648,11 @@ def first_step_must_fit(run: Run) -> Iterator[None]:
 
 
 def stop_signals(run: Run) -> tuple[bool, bool]:
-    """(interrupted, out of time): Ctrl-C or SIGTERM, and the time limit, agreed on by every
+    """(interrupted, out of time): one of STOP_SIGNALS, and the time limit, agreed on by every
     process, so that all of them stop at the same step."""
     limit = run.args.max_time_minutes * 60
     out_of_time = bool(limit) and run.state["train_seconds"] > limit
-    interrupted, out_of_time = run.dist.sum([float(run.stop_requested), float(out_of_time)], run.device)
+    interrupted, out_of_time = run.dist.sum([float(run.stop_signal > 0), float(out_of_time)], run.device)
     return interrupted > 0, out_of_time > 0
 
 
@@ -655,12 +671,12 @@ def log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_seco
 
 def finish(run: Run, reason: str) -> None:
     """Save last.pth; an interrupted run stops there, saying how to resume (KeyboardInterrupt,
-    exit 130); any other writes final_model.pth, logs the summary and releases the best model."""
+    common.Interrupted); any other writes final_model.pth, logs the summary and releases the best model."""
     args, state = run.args, run.state
     save(run, "last.pth", with_optimizer=True)
     if reason == "interrupted":
-        raise KeyboardInterrupt(f"stopped at step {state['step']}; saved {run.out / 'last.pth'}. Continue with "
-                                f"the same command plus --resume")
+        raise Interrupted(f"stopped at step {state['step']}; saved {run.out / 'last.pth'}. Continue with the same "
+                          "command plus --resume", run.stop_signal or signal.SIGINT)
     save(run, "final_model.pth")
     if run.writer:
         run.writer.flush()
@@ -712,7 +728,7 @@ def train(args: argparse.Namespace, model: TransformerLM, tokenizer: BPETokenize
     log(run, f"{kind}: {run.raw_model.num_parameters():,} parameters, {len(train_data):,} training windows, "
              f"{run.total_steps:,} steps of {tokens_per_step:,} tokens, device {run.device}, "
              f"precision {run.amp_dtype or torch.float32}")
-    handlers = {sig: signal.signal(sig, functools.partial(request_stop, run)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.signal(sig, functools.partial(request_stop, run)) for sig in STOP_SIGNALS}
     started, seconds_before = time.perf_counter(), state["train_seconds"]
     window_loss, window_steps, reason = 0.0, 0, "finished"
     try:

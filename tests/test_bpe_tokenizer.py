@@ -4,6 +4,7 @@ files, Hugging Face `tokenizers` and `tiktoken`."""
 import json
 import pickle
 import random
+import signal
 import tracemalloc
 
 import pytest
@@ -346,6 +347,22 @@ def test_bad_tokenizer_files_get_a_clear_error(tmp_path, content, message):
     with pytest.raises(TokenizerFileError, match=message) as err:
         BPETokenizer.load(path)
     assert str(path) in str(err.value)
+
+
+def test_a_file_with_an_unknown_split_pattern_is_refused_before_the_pattern_runs(small_tokenizer, tmp_path):
+    data = small_tokenizer.to_dict()
+    data["pattern"] = "(a|aa)+b|."  # backtracks for minutes on "aaaa...a"
+    path = tmp_path / "crafted.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(TokenizerFileError, match=r"crafted.json: its split pattern is not one of KNOWN_SPLIT_PATTERNS "
+                                                 r"\(GPT-2\): refused"):
+        BPETokenizer.load(path)
+
+
+def test_worker_processes_leave_ctrl_c_to_the_parent():
+    """The parent's pool ends the workers; a worker that took Ctrl-C too would print its own traceback."""
+    with bpe_tokenizer._pool(1) as pool:
+        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
 
 
 def test_truncated_and_missing_files_get_a_clear_error(small_tokenizer, tmp_path):

@@ -4,6 +4,7 @@ built from stories), assistant-only fine-tuning, and the terminal REPL."""
 import json
 import random
 import re
+import signal
 import subprocess
 import sys
 
@@ -271,7 +272,7 @@ def test_resumed_fine_tuning_with_fresh_requests_ends_with_the_same_weights(base
     def step_then_interrupt(run):
         result = original_step(run)
         if run.state["step"] == 45:  # in the second epoch (one is 37 steps: 300 stories, 8 a batch)
-            run.stop_requested = True
+            run.stop_signal = signal.SIGINT
         return result
 
     monkeypatch.setattr(training, "train_step", step_then_interrupt)
@@ -463,3 +464,17 @@ def test_held_out_shares_are_split_by_story_so_no_story_is_in_two_sets(tmp_path,
     numbers = [story_numbers(built["train"]), story_numbers(built["validation"]), selected]
     assert [len(sets[name]) for name in ("train", "validation", "select")] == [40, 15, 5]
     assert all(numbers) and not (numbers[0] & numbers[1] or numbers[0] & numbers[2] or numbers[1] & numbers[2])
+
+
+def test_save_never_replaces_a_file_and_a_message_keeps_all_but_control_characters(chat_checkpoint, tmp_path):
+    family = "\U0001F468\u200d\U0001F469\u200d\U0001F467"  # one emoji: three people joined by zero-width joiners
+    old = tmp_path / "model.pth"
+    old.write_bytes(b"a checkpoint")
+    script = f"Tell me about {family}\x1b\x00.\n/save {old}\n/set temperature nan\n/history\n/quit\n"
+    result = subprocess.run([sys.executable, str(REPO / "chat_with_tinystories_model.py"), "--model_path",
+                             str(chat_checkpoint), "--max_new_tokens", "4", "--seed", "0"],
+                            input=script, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"/save: {old} exists; give a new file name" in result.stdout and old.read_bytes() == b"a checkpoint"
+    assert "/set temperature: temperature must be a finite number >= 0 (0 means greedy), not nan" in result.stdout
+    assert f"user: Tell me about {family}.\n" in result.stdout

@@ -114,3 +114,10 @@ def test_ctrl_c_while_streaming_stops_cleanly(tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
     assert "interrupted" in stderr and "Traceback" not in stderr
+
+
+def test_a_typed_special_token_in_a_prompt_is_text_as_in_the_chat(checkpoint):
+    result = run("--model_path", str(checkpoint), "--prompt", "<|endoftext|>", "--max_new_tokens", "2",
+                 "--show_stats", "--no-stream")
+    assert result.returncode == 0, result.stderr
+    assert "[13 prompt tokens" in result.stderr  # its 13 characters, each a byte token: not the one special id

@@ -73,7 +73,7 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(corpus, tmp_p
     def step_then_interrupt(run):
         result = original_step(run)
         if run.state["step"] == 13:
-            run.stop_requested = True  # what Ctrl-C or SIGTERM does
+            run.stop_signal = signal.SIGTERM  # what the handler of Ctrl-C, SIGTERM or SIGHUP does
         return result
 
     monkeypatch.setattr(training, "train_step", step_then_interrupt)
@@ -115,7 +115,7 @@ def test_the_time_limit_counts_the_whole_run_resumes_included(corpus, tmp_path, 
 
     def step_then_interrupt(run):
         result = original_step(run)
-        run.stop_requested = run.state["step"] == 4
+        run.stop_signal = signal.SIGINT if run.state["step"] == 4 else 0
         return result
 
     args = train_args(corpus, tmp_path / "run", "--max_steps", "1000", "--max_time_minutes", "5")
@@ -205,7 +205,7 @@ def test_overwrite_deletes_the_old_runs_checkpoints_so_an_interrupted_new_run_mi
 
     def step_then_interrupt(run):
         result = original_step(run)
-        run.stop_requested = run.state["step"] == 3  # before the new run's first evaluation
+        run.stop_signal = signal.SIGINT if run.state["step"] == 3 else 0  # before the new run's first evaluation
         return result
 
     monkeypatch.setattr(training, "train_step", step_then_interrupt)
@@ -503,7 +503,9 @@ def test_empty_data_is_one_clear_line(corpus, tmp_path):
     assert result.returncode == 1 and "no stories" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_ctrl_c_saves_and_says_how_to_resume(corpus, tmp_path):
+@pytest.mark.parametrize("stop, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["Ctrl-C", "SIGTERM", "SIGHUP"])
+def test_a_stop_signal_saves_says_how_to_resume_and_exits_as_a_shell_reports_it(corpus, tmp_path, stop, status):
     process = subprocess.Popen([sys.executable, str(REPO / "train_tinystories_model.py"),
                                 *train_args(corpus, tmp_path / "run", "--max_steps", "100000", "--eval_interval", "50")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_ctrl_c)
@@ -511,8 +513,11 @@ def test_ctrl_c_saves_and_says_how_to_resume(corpus, tmp_path):
     while not (tmp_path / "run" / "config.json").exists() and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(2)  # a few steps in
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-2000:]
-    assert "plus --resume" in stderr and "Traceback" not in stderr
+    process.send_signal(stop)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == status, stderr[-2000:]
+    assert "stopping after this step" in stdout and "Traceback" not in stderr
+    # After SIGHUP (the terminal closed) the output goes nowhere, so the last words are not seen.
+    assert ("plus --resume" in stderr) == (stop != signal.SIGHUP)
     assert (tmp_path / "run" / "last.pth").exists()
+    assert main([*train_args(corpus, tmp_path / "run", "--max_steps", "1"), "--resume"])["step"] > 0

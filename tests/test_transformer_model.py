@@ -6,6 +6,9 @@ import dataclasses
 import errno
 import itertools
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -398,6 +401,16 @@ def test_a_failed_save_is_one_line_leaves_no_temporary_file_and_keeps_the_old_ch
     assert [p.name for p in tmp_path.iterdir()] == ["model.pth"]
     monkeypatch.undo()
     assert load_checkpoint(path)[2]["step"] == 1
+
+
+def test_a_save_removes_the_temporary_files_of_killed_processes_and_keeps_those_of_live_ones(tmp_path, tokenizer):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(finished.stdout), os.getppid()
+    (tmp_path / f"model.pth.tmp{dead}").write_bytes(b"half a checkpoint, its writer killed")
+    (tmp_path / f"model.pth.tmp{alive}").write_bytes(b"a checkpoint being written")
+    (tmp_path / f"other.pth.tmp{dead}").write_bytes(b"another file's: not this save's business")
+    save_checkpoint(tmp_path / "model.pth", tiny_model(), tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth", f"model.pth.tmp{alive}", f"other.pth.tmp{dead}"]
 
 
 def test_a_checkpoint_path_that_is_a_folder_is_refused_before_writing(tmp_path, tokenizer):
