@@ -15,8 +15,11 @@ Each rate comes with its control: the same check of the same reply against the c
 another request of its type, which is what a model that ignores requests scores (a story
 often holds "Lily" or "happy" anyway). Each type is also asked as the second request of a
 conversation ("words, 2nd turn"), after the model's own reply to a plain first request.
+words_line_rates asks for the words without the chat, in front of a story ("Words: a, b,
+c\nStory:"), as a base model pretrained with --words_lines has seen them.
 
-The file reads top to bottom: the checks, the tests (request_tests), the replies, the rates.
+The file reads top to bottom: the checks, the tests (request_tests), the replies, the rates
+(follow_rates, words_line_rates, follow_score).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import regex
 
 from bpe_tokenizer import ENDOFTEXT, BPETokenizer
 from decoding import LanguageModel, generate
-from tinystories_data import PLAIN_PHRASINGS, REQUEST_MAKERS, Request
+from tinystories_data import PLAIN_PHRASINGS, REQUEST_MAKERS, Request, words_line
 
 # The chat REPL's default sampling (chat_with_tinystories_model.py takes its defaults from here).
 CHAT_SAMPLING = {"temperature": 0.7, "top_k": 0, "top_p": 0.95, "repetition_penalty": 1.0}
@@ -99,20 +102,26 @@ def request_tests(stories: list[str], per_kind: int = 100, seed: int = 0) -> lis
 
 # ------------------------------------------------------------------------ the replies
 
+def sample_continuations(model: LanguageModel, tokenizer: BPETokenizer, prompts: list[list[int]],
+                         max_new_tokens: int = CHAT_MAX_NEW_TOKENS, sampling: dict | None = None, seed: int = 0,
+                         batch_size: int = 16) -> list[str]:
+    """Each prompt's continuation as text, sampled in batches; seeded."""
+    eos = tokenizer.special_tokens[ENDOFTEXT]
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        rows = generate(model, prompts[start:start + batch_size], max_new_tokens, eos_token_id=eos, seed=seed + start,
+                        **(CHAT_SAMPLING if sampling is None else sampling))
+        texts += [tokenizer.decode(t for t in row if t != eos) for row in rows]
+    return texts
+
+
 def sample_replies(model: LanguageModel, tokenizer: BPETokenizer, conversations: list[list[dict]],
                    max_new_tokens: int = CHAT_MAX_NEW_TOKENS, sampling: dict | None = None, seed: int = 0,
                    batch_size: int = 16) -> list[str]:
-    """The model's reply to each conversation (which ends with a user turn), sampled in
-    batches through the chat template; seeded."""
-    eos = tokenizer.special_tokens[ENDOFTEXT]
-    replies = []
-    for start in range(0, len(conversations), batch_size):
-        prompts = [tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-                   for messages in conversations[start:start + batch_size]]
-        rows = generate(model, prompts, max_new_tokens, eos_token_id=eos, seed=seed + start,
-                        **(CHAT_SAMPLING if sampling is None else sampling))
-        replies += [tokenizer.decode(t for t in row if t != eos) for row in rows]
-    return replies
+    """The model's reply to each conversation (which ends with a user turn), through the chat
+    template; seeded."""
+    prompts = [tokenizer.apply_chat_template(messages, add_generation_prompt=True) for messages in conversations]
+    return sample_continuations(model, tokenizer, prompts, max_new_tokens, sampling, seed, batch_size)
 
 
 def run_request_tests(model: LanguageModel, tokenizer: BPETokenizer, tests: list[RequestTest],
@@ -156,6 +165,20 @@ def follow_rates(model: LanguageModel, tokenizer: BPETokenizer, stories: list[st
     request_tests, run_request_tests, summarize."""
     tests = request_tests(stories, per_kind, seed)
     return summarize(tests, run_request_tests(model, tokenizer, tests, max_new_tokens, sampling, seed, batch_size))
+
+
+def words_line_rates(model: LanguageModel, tokenizer: BPETokenizer, stories: list[str], count: int = 100,
+                     seed: int = 0, max_new_tokens: int = CHAT_MAX_NEW_TOKENS, sampling: dict | None = None,
+                     batch_size: int = 16) -> dict[str, dict]:
+    """The words request asked without the chat: {"words line": {"requests", "followed",
+    "control"}} for stories prompted with a words line ("Words: a, b, c\nStory:",
+    tinystories_data.words_line), the metadata that train_tinystories_model.py --words_lines
+    puts in front of training stories. The words are those of the first-turn word tests."""
+    tests = [test for test in request_tests(stories, count, seed) if test.label == "words"]
+    prompts = [tokenizer.encode(words_line(test.request.content), allowed_special="none") for test in tests]
+    written = sample_continuations(model, tokenizer, prompts, max_new_tokens, sampling, seed, batch_size)
+    rates = summarize(tests, [[{"role": "assistant", "content": story}] for story in written])
+    return {"words line": rates["words"]} if rates else {}
 
 
 def follow_score(rates: dict[str, dict]) -> float:

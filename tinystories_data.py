@@ -8,6 +8,8 @@ The file, top to bottom:
   validation_stories: a quick validation set for the notebooks;
 - token streams: encode_stories turns stories into one token stream, cached_tokens keeps it on
   disk so it is encoded once, TokenWindows cuts it into (inputs, targets) windows;
+- what a story holds: story_sentences, story_names, story_words; words_line and
+  add_words_lines (TinyStoriesInstruct's "Words:" metadata in front of pretraining stories);
 - pretraining data: load_train_and_validation and prepare_pretraining_data (training,
   validation and calibration windows, cached);
 - conversations: load_conversations (a "messages" column, or TinyStoriesInstruct text);
@@ -333,6 +335,60 @@ class TokenWindows(torch.utils.data.Dataset):
         return window[:-1], window[1:]
 
 
+# ------------------------------------------------------------ what a story holds
+#
+# Its sentences, its characters and its content words: what the chat requests below ask for,
+# what request_following.py checks, and what a words line (TinyStoriesInstruct's "Words:"
+# metadata) names in front of a pretraining story.
+
+STOPWORDS = frozenset("""the and was were had have has with that this they them then there their when
+    what said very from into onto upon your you she her his him for but not are all one day time could would
+    should will just like some went came saw see look looked says big little named because ever also""".split())
+
+
+def story_sentences(story: str) -> list[str]:
+    return [s for s in regex.split(r"(?<=[.!?][\"”’']?)\s+", story.strip()) if s]
+
+
+def story_names(story: str) -> list[str]:
+    """Capitalised words met at least twice other than as a sentence's first word: the
+    story's characters (Lily, Tom, Max), most frequent first."""
+    counts = Counter(word for sentence in story_sentences(story) for word in regex.findall(r"\b[A-Z][a-z]+\b", sentence)[1:])
+    return [word for word, count in counts.most_common() if count >= 2]
+
+
+def story_words(story: str) -> list[str]:
+    """Distinct content words of a story (lower case, four letters or more, not common)."""
+    words = dict.fromkeys(w for w in regex.findall(r"\b[a-z]{4,}\b", story) if w not in STOPWORDS)
+    return list(words)
+
+
+def words_line(words: list[str]) -> str:
+    """The prompt for a story that uses these words: "Words: a, b, c\nStory:". It ends at the
+    colon: the space after it belongs to the story's first token (" Once")."""
+    return f"Words: {', '.join(words)}\nStory:"
+
+
+def add_words_lines(stories: list[str], share: float, seed: int) -> list[str]:
+    """A seeded share of the stories (those with three content words or more) start with a
+    words line, as TinyStoriesInstruct's stories do:
+
+        Words: garden, happy, ball
+        Story: Once upon a time, ...
+
+    A model pretrained on them learns to use words it is given, so that a prompt ending in
+    "Story:" after such a line asks for them (and the chat's word requests have that skill to
+    build on). The words are three of the story's content words, in a random order."""
+    rng = random.Random(seed)
+    marked = []
+    for story in stories:
+        words = story_words(story)
+        if len(words) >= 3 and rng.random() < share:
+            story = f"{words_line(rng.sample(words, 3))} {story}"
+        marked.append(story)
+    return marked
+
+
 # ---------------------------------------------------------- pretraining data
 
 def source_name(dataset: str | None) -> str | None:
@@ -376,18 +432,21 @@ def load_train_and_validation(dataset: str, val_dataset: str | None = None, val_
 def prepare_pretraining_data(tokenizer: BPETokenizer, dataset: str, block_size: int, cache_dir: str | os.PathLike,
                              val_dataset: str | None = None, val_fraction: float = 0.05, text_column: str = "text",
                              max_train_stories: int = 0, max_val_stories: int = 0, seed: int = 0,
-                             num_workers: int | None = None, calibration_stories: int = 0) -> dict[str, TokenWindows]:
+                             num_workers: int | None = None, calibration_stories: int = 0,
+                             words_lines: float = 0.0) -> dict[str, TokenWindows]:
     """{"train", "validation"} windows of block_size tokens, and "calibration" windows with
     calibration_stories (see load_train_and_validation for where each comes from). Every
     token stream is encoded once and cached under cache_dir; the stories are loaded only when
     a stream is not cached yet. The training windows move each epoch (shift_seed), the others
-    stay put."""
+    stay put. words_lines: the share of training stories that start with a words line
+    (add_words_lines); the validation and calibration stories stay plain."""
     loaded: dict[str, list[str]] = {}
 
     def stories(role: str) -> list[str]:
         if not loaded:
             loaded.update(load_train_and_validation(dataset, val_dataset, val_fraction, text_column,
                                                     max_train_stories, max_val_stories, seed, calibration_stories))
+            loaded["train"] = add_words_lines(loaded["train"], words_lines, seed) if words_lines else loaded["train"]
         return loaded[role]
 
     # The key names everything the stream depends on: change any of it and it is encoded anew.
@@ -402,6 +461,8 @@ def prepare_pretraining_data(tokenizer: BPETokenizer, dataset: str, block_size: 
         key = {**base_key, "dataset": source_name(source), "role": role, "max_stories": max_stories}
         if calibration_stories and role != "validation":  # (only when set: the caches made before it stay valid)
             key["calibration_stories"] = calibration_stories
+        if words_lines and role == "train":
+            key["words_lines"] = words_lines
         tokens = cached_tokens(cache_dir, key, lambda role=role: encode_stories(
             stories(role), tokenizer, num_workers, desc=f"encoding {role} stories"))
         try:
@@ -432,9 +493,7 @@ SYSTEM_PROMPTS = [
     "You are a kind helper who loves telling stories.",
     "You answer with a short story for children.",
 ]
-STOPWORDS = frozenset("""the and was were had have has with that this they them then there their when
-    what said very from into onto upon your you she her his him for but not are all one day time could would
-    should will just like some went came saw see look looked says big little named because ever also""".split())
+
 
 
 def check_messages(messages, where: str) -> list[dict]:
@@ -532,23 +591,6 @@ def load_conversations(dataset: str, split: str = "train", sample: int = 0, seed
     if not conversations:
         raise DataError(f"{dataset}: no conversations in split {split!r}")
     return conversations
-
-
-def story_sentences(story: str) -> list[str]:
-    return [s for s in regex.split(r"(?<=[.!?][\"”’']?)\s+", story.strip()) if s]
-
-
-def story_names(story: str) -> list[str]:
-    """Capitalised words met at least twice other than as a sentence's first word: the
-    story's characters (Lily, Tom, Max), most frequent first."""
-    counts = Counter(word for sentence in story_sentences(story) for word in regex.findall(r"\b[A-Z][a-z]+\b", sentence)[1:])
-    return [word for word, count in counts.most_common() if count >= 2]
-
-
-def story_words(story: str) -> list[str]:
-    """Distinct content words of a story (lower case, four letters or more, not common)."""
-    words = dict.fromkeys(w for w in regex.findall(r"\b[a-z]{4,}\b", story) if w not in STOPWORDS)
-    return list(words)
 
 
 # Requests a reply can be checked against (request_following.py checks them), each in many

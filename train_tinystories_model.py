@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--calibration_stories", type=int, default=0,
                       help="training stories held out to fit a temperature for the logits at each evaluation, "
                       "folded into the saved best model (calibration.py; 0 = none)")
+    data.add_argument("--words_lines", type=float, default=0.0,
+                      help="the share of training stories that start with a line 'Words: a, b, c' naming three of "
+                      "their words, then 'Story:' (TinyStoriesInstruct's metadata), so that the model learns to "
+                      "use words it is given (0 = none)")
     data.add_argument("--cache_dir", default=None, help="encoded data (default: OUTPUT_DIR/data_cache)")
     data.add_argument("--num_workers", type=int, default=None, help="processes that encode the data")
     add_model_args(parser)
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer, args.dataset, args.block_size, args.cache_dir or os.path.join(args.output_dir, "data_cache"),
         val_dataset=args.val_dataset, val_fraction=args.val_fraction, text_column=args.text_column,
         max_train_stories=args.max_train_stories, max_val_stories=args.max_val_stories, seed=args.seed,
-        num_workers=args.num_workers, calibration_stories=args.calibration_stories)
+        num_workers=args.num_workers, calibration_stories=args.calibration_stories, words_lines=args.words_lines)
     torch.manual_seed(args.seed)  # the same seed gives the same initial weights
     model = TransformerLM(config)
     return train(args, model, tokenizer, data["train"], data["validation"], calibration_data=data.get("calibration"))

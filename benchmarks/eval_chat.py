@@ -10,7 +10,9 @@ request-following per request type (request_following.follow_rates) on requests 
 validation stories of --data, with the replies sampled at the chat REPL's defaults, and the
 assistant-only validation loss on conversations built from the same stories as
 train_tinystories_chat_model.py --from_stories builds them. Every "followed" share
-sits beside its control: the same check against another request's content.
+sits beside its control: the same check against another request's content. The last row,
+"words line", asks for the words without the chat, in front of a story ("Words: a, b,
+c\nStory:"): what a base model pretrained with --words_lines has learned.
 
 --forced N measures lexically constrained decoding on its own, never as part of the model's
 request-following: the first N word requests answered by constrained_beam_search with the
@@ -32,7 +34,14 @@ from bench_utils import SHARED_DATA, machine_line
 from bpe_tokenizer import ENDOFTEXT
 from decoding import constrained_beam_search, word_constraints
 from evaluation import loss_totals, sequential_batches, summarize_losses, token_byte_lengths
-from request_following import CHAT_MAX_NEW_TOKENS, CHAT_SAMPLING, follow_rates, holds_words, request_tests
+from request_following import (
+    CHAT_MAX_NEW_TOKENS,
+    CHAT_SAMPLING,
+    follow_rates,
+    holds_words,
+    request_tests,
+    words_line_rates,
+)
 from speedups import use_few_row_linear
 from tinystories_data import ChatExamples, conversations_from_stories, load_stories
 from transformer_model import load_checkpoint
@@ -65,7 +74,8 @@ def forced_words(model: torch.nn.Module, tokenizer, stories: list[str], args: ar
 def evaluate(path: str, stories: list[str], args: argparse.Namespace) -> dict:
     model, tokenizer, _ = load_checkpoint(path, device="cpu")
     use_few_row_linear(model)  # a speed path (speedups.py): the same tokens, faster
-    rates = follow_rates(model, tokenizer, stories, args.per_kind, args.seed, args.max_new_tokens)
+    rates = {**follow_rates(model, tokenizer, stories, args.per_kind, args.seed, args.max_new_tokens),
+             **words_line_rates(model, tokenizer, stories, args.per_kind, args.seed, args.max_new_tokens)}
     result = {"path": path, "rates": rates, "loss": assistant_loss(model, tokenizer, stories, args.seed, args.block_size)}
     if args.forced:
         result["forced"] = forced_words(model, tokenizer, stories, args)

@@ -25,7 +25,8 @@ def test_a_table_per_request_type_for_every_model_and_forced_words_apart(tmp_pat
                               "--data", str(corpus), "--per_kind", "2", "--max_new_tokens", "30", "--block_size",
                               "64", "--forced", "2", "--json", str(tmp_path / "out.json")])
     printed = capsys.readouterr().out
-    labels = ["words", "name", "continuation", "words, 2nd turn", "name, 2nd turn", "continuation, 2nd turn"]
+    labels = ["words", "name", "continuation", "words, 2nd turn", "name, 2nd turn", "continuation, 2nd turn",
+              "words line"]
     assert ("| request | requests | base followed | base control | chat 1 followed | chat 1 control | "
             "chat 2 followed | chat 2 control |") in printed
     for label in labels:

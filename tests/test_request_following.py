@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+import request_following
 from helpers import story_tokenizer
 from request_following import (
     CHECKS,
@@ -17,6 +18,7 @@ from request_following import (
     request_tests,
     run_request_tests,
     summarize,
+    words_line_rates,
 )
 from test_transformer_model import tiny_model
 
@@ -105,3 +107,19 @@ def test_a_second_turn_comes_after_the_models_own_reply_to_a_plain_request(stori
     rates = follow_rates(model, tokenizer, stories, per_kind=2, max_new_tokens=8)
     assert set(rates) == {test.label for test in tests}
     assert all(0 <= rate["followed"] <= 1 and 0 <= rate["control"] <= 1 for rate in rates.values())
+
+
+def test_a_words_line_names_the_requested_words_and_is_scored_like_a_words_request(stories, monkeypatch):
+    tokenizer, prompted = story_tokenizer(320), []
+
+    def write_with_the_words(model, tokenizer, prompts, *args):
+        texts = [tokenizer.decode(prompt) for prompt in prompts]
+        prompted.extend(texts)
+        return [" Once upon a time, there was a " + " and a ".join(text.splitlines()[0][len("Words: "):].split(", "))
+                for text in texts]
+
+    monkeypatch.setattr(request_following, "sample_continuations", write_with_the_words)
+    assert words_line_rates(None, tokenizer, stories, count=10, seed=1) == {
+        "words line": {"requests": 10, "followed": 1.0, "control": 0.0}}
+    words = [test.request.content for test in request_tests(stories, 10, seed=1) if test.label == "words"]
+    assert prompted == [f"Words: {', '.join(three)}\nStory:" for three in words]

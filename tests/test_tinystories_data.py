@@ -8,6 +8,7 @@ import datasets
 import pytest
 
 import tinystories_data
+from helpers import story_tokenizer, write_story_corpus
 from tinystories_data import DataError, SplitNotFoundError, hold_out, load_stories, read_story_file
 
 STORIES = ["Once upon a time there was a cat.", "Tom saw a big dog.\nHe ran home.", "The end."]
@@ -156,3 +157,43 @@ def test_holding_out_everything_is_refused():
         hold_out(ITEMS[:1], 0.05, seed=0)  # a share is at least one item, and one item leaves none
     with pytest.raises(DataError, match="too few to hold out"):
         hold_out(ITEMS[:3], 3, seed=0)
+
+
+# ------------------------------------------------------------------ words lines
+
+STORIES = [
+    "Once upon a time, Lily found a shiny shell on the beach. She gave the shell to her brother.",
+    "Tom had a red kite. The kite flew over the garden and the happy dog barked.",
+    "It was sunny.",  # fewer than three content words: stays plain
+]
+
+
+def test_a_words_line_names_three_of_the_storys_words_and_parses_back_as_instruct_metadata():
+    marked = tinystories_data.add_words_lines(STORIES, share=1.0, seed=0)
+    assert marked[2] == STORIES[2]
+    for story, text in zip(STORIES[:2], marked[:2], strict=True):
+        entry = tinystories_data.parse_instruct_entry(text)  # TinyStoriesInstruct's own reader
+        assert entry.story == story
+        assert len(set(entry.words)) == 3 and set(entry.words) <= set(tinystories_data.story_words(story))
+        assert text == f"{tinystories_data.words_line(entry.words)} {story}"
+
+
+def test_words_lines_mark_a_seeded_share_of_the_stories():
+    stories = [f"{STORIES[0]} {i}" for i in range(400)]
+    marked = tinystories_data.add_words_lines(stories, share=0.25, seed=3)
+    share = sum(text.startswith("Words: ") for text in marked) / len(stories)
+    assert 0.18 < share < 0.32
+    assert marked == tinystories_data.add_words_lines(stories, share=0.25, seed=3)
+    assert marked != tinystories_data.add_words_lines(stories, share=0.25, seed=4)
+    assert tinystories_data.add_words_lines(stories, share=0.0, seed=3) == stories
+
+
+def test_words_lines_go_into_the_training_stream_only(tmp_path):
+    (tmp_path / "data").mkdir()
+    corpus, tokenizer = write_story_corpus(tmp_path / "data", train=60, valid=20), story_tokenizer(400)
+    plain = tinystories_data.prepare_pretraining_data(tokenizer, str(corpus), 16, tmp_path / "cache")
+    marked = tinystories_data.prepare_pretraining_data(tokenizer, str(corpus), 16, tmp_path / "cache", words_lines=0.5)
+    assert "Words: " in tokenizer.decode(marked["train"].tokens.tolist())
+    assert "Words: " not in tokenizer.decode(plain["train"].tokens.tolist())
+    assert (marked["validation"].tokens == plain["validation"].tokens).all()  # validation stays plain
+    assert len(list((tmp_path / "cache").glob("tokens-*.npy"))) == 3  # a stream of its own, the validation one shared
