@@ -18,10 +18,11 @@ they map straight to their own id and never take part in merges.
 
 The file, top to bottom:
 
-- constants: GPT-2's split pattern and those a file may name (KNOWN_SPLIT_PATTERNS), the special tokens, the file format, size limits;
+- constants: GPT-2's split pattern and the patterns a tokenizer may use (KNOWN_SPLIT_PATTERNS),
+  the special tokens, the file format, size limits;
 - helpers: GPT-2's byte <-> printable character map (bytes_to_unicode, bytes_to_text,
-  text_to_bytes), merge_pair (one merge applied to a list of ids), the special-token regex
-  and the cache of encoded pre-tokens;
+  text_to_bytes), merge_pair (one merge applied to a list of ids), the special-token regex,
+  the cache of encoded pre-tokens, and check_split_pattern;
 - reading files (writes go through common.write_atomically), and worker processes for
   parallel counting and encoding;
 - training, the functions BPETokenizer.train calls: count_pre_tokens (the one pass over
@@ -59,9 +60,9 @@ from common import write_atomically
 # and any other whitespace.
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-# The split patterns a tokenizer file may name. A file's pattern runs on every text encoded,
-# and a crafted one (say `(a|aa)+b|.`) backtracks for hours on a short prompt, so a file with
-# any other is refused. Researchers with a pattern of their own add it here.
+# The split patterns a tokenizer may use. A tokenizer file's pattern runs on every text encoded,
+# and a crafted one (say `(a|aa)+b|.`) backtracks for hours on a short prompt, so any other is
+# refused, in a file or in code. Researchers with a pattern of their own add it here.
 KNOWN_SPLIT_PATTERNS = {"GPT-2": GPT2_SPLIT_PATTERN}
 
 ENDOFTEXT = "<|endoftext|>"
@@ -162,6 +163,13 @@ class _ChunkCache(dict):
             self.clear()
         ids = self[chunk] = tuple(self.encode_chunk(chunk))
         return ids
+
+
+def check_split_pattern(pattern: str) -> None:
+    if pattern not in KNOWN_SPLIT_PATTERNS.values():
+        raise ValueError(f"the split pattern is not one of KNOWN_SPLIT_PATTERNS ({', '.join(KNOWN_SPLIT_PATTERNS)}): "
+                         "refused, since a crafted pattern can hang the program; add your own to bpe_tokenizer.py "
+                         "to use it")
 
 
 # ------------------------------------------------------------------- reading files
@@ -432,7 +440,8 @@ class BPETokenizer:
     special_tokens: texts matched whole before pre-tokenization. A special token whose
             bytes are already in vocab keeps that id (GPT-2's <|endoftext|> is 50256);
             any other is appended after the last id.
-    pattern: the pre-tokenization regular expression (``regex`` syntax).
+    pattern: the pre-tokenization regular expression (``regex`` syntax), one of
+            KNOWN_SPLIT_PATTERNS.
     """
 
     def __init__(
@@ -442,6 +451,7 @@ class BPETokenizer:
         special_tokens: list[str] | None = None,
         pattern: str = GPT2_SPLIT_PATTERN,
     ):
+        check_split_pattern(pattern)
         self.vocab: dict[int, bytes] = {int(i): bytes(t) for i, t in vocab.items()}
         if sorted(self.vocab) != list(range(len(self.vocab))):
             raise ValueError("vocab ids must be 0, 1, ..., N-1 with no gaps")
@@ -698,6 +708,7 @@ class BPETokenizer:
         show_progress: tqdm bars for counting and merging; None shows a bar once its stage
         has run for more than a second.
         """
+        check_split_pattern(pattern)  # before the counting, not after
         special_tokens = list(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
         num_new_tokens = vocab_size - 256 - len(special_tokens)
         if num_new_tokens < 0:
@@ -731,10 +742,6 @@ class BPETokenizer:
             raise TokenizerFileError(f"{source}: not a tokenizer file of this project (no \"format\": \"{FILE_FORMAT}\")")
         if data.get("version") != FILE_VERSION:
             raise TokenizerFileError(f"{source}: tokenizer file version {data.get('version')!r}, this code reads {FILE_VERSION}")
-        if "pattern" in data and data["pattern"] not in KNOWN_SPLIT_PATTERNS.values():
-            raise TokenizerFileError(f"{source}: its split pattern is not one of KNOWN_SPLIT_PATTERNS "
-                                     f"({', '.join(KNOWN_SPLIT_PATTERNS)}): refused, since a crafted pattern can hang "
-                                     "the program; add your own to bpe_tokenizer.py to use it")
         try:
             vocab = {i: text_to_bytes(token) for i, token in enumerate(data["vocab"])}
             merges = [(text_to_bytes(a), text_to_bytes(b)) for a, b in data["merges"]]

@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     check_settings(settings, model.config)
     session = ChatSession(model, tokenizer, settings, args.system)
     interactive = sys.stdin.isatty()
+    with contextlib.suppress(AttributeError):  # bytes that are not UTF-8 become U+FFFD, not an exit
+        sys.stdin.reconfigure(errors="replace")
     if interactive:
         with contextlib.suppress(ImportError):  # line editing and history for input(), where there is readline
             import readline  # noqa: F401

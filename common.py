@@ -1,12 +1,14 @@
 """Small helpers that every script and module shares, none of them about language models.
 
-- Interrupted, run_script: a script's main() with one-line errors (`error: ...`, exit 1) and
-  signals (exit 128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP).
+- Interrupted, run_script: a script's main() with one-line errors (`error: ...`, exit 1), and
+  Ctrl-C (exit 130) or, where a script handles other signals (training does), exit 128 + the
+  signal's number (143 for SIGTERM, 129 for SIGHUP).
 - output_path_problem, check_output_paths: refuse output files and folders that cannot be
   written, before any work.
-- write_atomically: write a file through a temporary name, fsync and a rename, so a crash never
-  leaves half a file (checkpoints, tokenizers, token caches), and a failed write is one line;
-  temporary files that killed processes left behind are removed.
+- write_atomically: write a file through a temporary name (temporary_name), fsync and a
+  rename, so a crash never leaves half a file (checkpoints, tokenizers, token caches), and a
+  failed write is one line; the temporary files that killed processes left behind are removed
+  first (process_is_alive, remove_stale_temporaries).
 - pick_device, cpu_has_native_bf16, autocast_dtype, autocast: where to run, and in which
   mixed precision.
 
@@ -18,7 +20,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,9 +41,10 @@ class Interrupted(KeyboardInterrupt):
 
 def run_script(main: Callable[[], object], user_errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> None:
     """Run a script's main(). A user error (a bad path, a damaged file, data that cannot be
-    used) prints one line, `error: ...`, and exits with status 1. A signal prints the script's
-    own message (say, how to resume) if it gave one, and exits with 128 + the signal's number,
-    as a shell reports a process the signal killed: 130 for Ctrl-C, 143 for SIGTERM."""
+    used) prints one line, `error: ...`, and exits with status 1. Ctrl-C, or an Interrupted
+    that a script's own signal handling raised, prints its message (say, how to resume) and
+    exits with 128 + the signal's number, as a shell reports a process the signal killed: 130
+    for Ctrl-C, 143 for SIGTERM."""
     try:
         main()
     except KeyboardInterrupt as interrupt:
@@ -52,17 +57,21 @@ def run_script(main: Callable[[], object], user_errors: tuple[type[BaseException
 
 def output_path_problem(path: str | os.PathLike, folder: bool = False) -> str | None:
     """Why path cannot be written as a file (or, with folder, as a folder), or None: the other
-    kind is there, a file stands where a parent folder should be, or the folder is read-only."""
+    kind is there, a file stands where a parent folder should be, or the folder is read-only.
+    Missing folders are not a problem: write_atomically and the output folders make them."""
     path = Path(path).absolute()
-    if path.exists() and path.is_dir() != folder:
-        return f"it is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file name'}"
-    existing = path if folder and path.is_dir() else path.parent
-    while not existing.exists():  # the folders still to be made
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable (read-only?); choose another place"
+    try:
+        if path.exists() and path.is_dir() != folder:
+            return f"it is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file name'}"
+        existing = path if folder and path.is_dir() else path.parent
+        while not existing.exists():  # the folders still to be made
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"{existing} is a file, not a folder"
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"{existing} is not writable (read-only?); choose another place"
+    except OSError as err:  # a folder on the way that this user may not enter
+        return f"cannot be checked ({err.strerror or err})"
     return None
 
 
@@ -78,7 +87,7 @@ def check_output_paths(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def process_is_alive(pid: int) -> bool:
-    """Whether a process with this id exists (signal 0 only asks)."""
+    """Whether a process with this id exists on this machine (signal 0 only asks)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -88,30 +97,39 @@ def process_is_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(path: str) -> None:
-    """Remove path's temporary files (path.tmpPID...) whose process is gone: a run killed in
-    the middle of a save (kill -9, a power cut) leaves one, and it may be large."""
+def temporary_name(path: str, pid: int, suffix: str = "") -> str:
+    """write_atomically's temporary file for path. It names the machine as well as the process:
+    on a folder several machines share, a process id means nothing to the others."""
+    return f"{path}.tmp-{socket.gethostname()}-{pid}{suffix}"
+
+
+def remove_stale_temporaries(path: str, suffix: str = "") -> None:
+    """Remove path's temporary files whose process, on this machine, is gone: a run killed in
+    the middle of a save (kill -9, a power cut) leaves one, and it may be large. Best effort:
+    a folder that cannot be listed is left alone."""
     folder, name = os.path.split(path)
-    for entry in os.scandir(folder or "."):
-        pid = entry.name[len(name) + 4 :].split(".")[0] if entry.name.startswith(f"{name}.tmp") else ""
-        if pid.isdigit() and not process_is_alive(int(pid)):
-            with contextlib.suppress(OSError):
+    stale = re.compile(re.escape(f"{name}.tmp-{socket.gethostname()}-") + r"([0-9]{1,9})" + re.escape(suffix))
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder or "."):
+            match = stale.fullmatch(entry.name)
+            if match and not process_is_alive(int(match[1])):
                 os.remove(entry.path)
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], object], suffix: str = "") -> None:
-    """write(temporary_path), flush it to disk, then rename the result to path. A rename within
-    a folder is atomic, so a reader (or a run resumed after a crash) sees the old file or the
-    new one, never half of one. suffix keeps an extension some writers insist on (np.save adds
-    .npy). A write that fails (a full disk, a read-only folder, a folder at path) is an OSError
+    """Make path's folder if need be, write(temporary_path), flush it to disk, then rename the
+    result to path. A rename within a folder is atomic, so a reader (or a run resumed after a
+    crash) sees the old file or the new one, never half of one. suffix keeps an extension some
+    writers insist on (np.save adds .npy). A write that fails (a full disk, a read-only folder, a folder at path) is an OSError
     whose message names path and the cause; the temporary file is removed and an old file at
     path is left as it was."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise OSError(f"cannot write {path}: it is a folder; give a file name")
-    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    remove_stale_temporaries(path, suffix)
+    tmp = temporary_name(path, os.getpid(), suffix)
     try:
-        remove_stale_temporaries(path)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         write(tmp)
         with open(tmp, "rb+") as written:
             os.fsync(written.fileno())  # on disk before the rename makes it the file

@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     wanted = args.sample + args.heldout if args.sample else 0
     print(f"loading {args.dataset} (split {args.split}{f', {wanted} sampled stories' if wanted else ''}) ...")
     stories = load_stories(args.dataset, args.split, args.text_column, sample=wanted, seed=args.seed)
-    # A seeded share, at most a tenth, to measure compression on text the tokenizer has not seen.
-    train, held = hold_out(stories, min(args.heldout, len(stories) // 10), args.seed)
+    # A seeded share to measure compression on text the tokenizer has not seen: with --sample,
+    # what is left beyond the sample (so exactly --sample stories train), else at most a tenth.
+    room = max(0, len(stories) - args.sample) if args.sample else len(stories) // 10
+    train, held = hold_out(stories, min(args.heldout, room), args.seed)
     megabytes = sum(len(s.encode("utf-8")) for s in train) / 1e6
     print(f"training on {len(train):,} stories ({megabytes:.1f} MB), vocab_size {args.vocab_size:,}")
 

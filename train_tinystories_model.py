@@ -27,7 +27,7 @@ import os
 import torch
 
 from bpe_tokenizer import BPETokenizer
-from common import check_output_paths, run_script
+from common import run_script
 from tinystories_data import DEFAULT_DATASET, prepare_pretraining_data
 from training import TrainingError, add_training_args, check_training_args, train
 from transformer_model import TransformerConfig, TransformerLM
@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_training_args(parser)
     args = parser.parse_args(argv)
     check_training_args(parser, args)
-    check_output_paths(parser, args, folders=("cache_dir",))
+    if args.cache_dir and os.path.isfile(args.cache_dir):  # (a read-only cache that holds the streams is fine)
+        parser.error(f"--cache_dir {args.cache_dir}: it is a file; give a folder")
     if args.block_size > args.max_position_embeddings:
         parser.error(f"--block_size {args.block_size} is above the model's context, --max_position_embeddings "
                      f"{args.max_position_embeddings}")

@@ -21,7 +21,8 @@ The file, top to bottom:
 - one step: diverged (the error for a loss that is no longer a number), train_step;
 - evaluation: process_share, fit_temperature (with calibration data), evaluate, sample,
   is_improvement, evaluation_says_stop;
-- the loop: STOP_SIGNALS and request_stop (Ctrl-C, SIGTERM, SIGHUP), first_step_must_fit, stop_signals, log_step, finish,
+- the loop: STOP_SIGNALS, silence_terminal and request_stop (Ctrl-C, SIGTERM, SIGHUP),
+  first_step_must_fit, stop_signals, log_step, finish,
   wrap_model, close, and train.
 
 Every run writes best_model.pth, final_model.pth, last.pth (with the optimizer, scaler, data
@@ -291,6 +292,7 @@ class Run:
     writer: SummaryWriter | None = None  # TensorBoard, on the main process
     calibration_data: Dataset | None = None  # held-out training text to fit a temperature on (calibration.py)
     stop_signal: int = 0  # the signal (Ctrl-C, SIGTERM, SIGHUP) that asked the run to stop; 0 for none
+    stop_time: float = 0.0  # when it came (time.monotonic)
 
 
 def training_amp_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
@@ -617,22 +619,38 @@ def evaluation_says_stop(run: Run, train_loss: float, prompt_ids: Callable[[str]
 # ------------------------------------------------------------------------ the loop
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# torchrun passes a signal on to its workers, which the terminal has often signalled already:
+# the same signal again this soon after the first is that echo, not a second request.
+ECHO_SECONDS = 2.0
+
+
+def silence_terminal() -> None:
+    """Point standard output and error at /dev/null where they are a terminal: after SIGHUP it
+    has closed, and a write to it would fail before the save. A log file or pipe stays."""
+    with open(os.devnull, "w") as devnull:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                stream.flush()
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # no real file behind it
+                if os.isatty(stream.fileno()):
+                    os.dup2(devnull.fileno(), stream.fileno())
 
 
 def request_stop(run: Run, signum: int, frame: object) -> None:
     """The handler of STOP_SIGNALS: the first asks the loop to save and stop after this step;
-    a second quits at once, without saving. SIGHUP means the terminal has closed: output goes
-    to /dev/null from then on, since writing to a closed terminal would fail before the save."""
+    a second (not the first one's echo) quits at once, without saving."""
+    now = time.monotonic()
     if run.stop_signal:
-        raise KeyboardInterrupt
-    run.stop_signal = signum
+        if signum == run.stop_signal and now - run.stop_time < ECHO_SECONDS:
+            return
+        raise Interrupted(f"{signal.Signals(signum).name} again: quit without saving this step (the last save, "
+                          f"if any, is {run.out / 'last.pth'})", signum)
+    run.stop_signal, run.stop_time = signum, now
     with contextlib.suppress(OSError):
         log(run, f"\n{signal.Signals(signum).name}: stopping after this step and saving {run.out / 'last.pth'} "
                  "(press Ctrl-C again to quit without saving)")
     if signum == signal.SIGHUP:
-        with open(os.devnull, "w") as devnull:
-            for stream in (sys.stdout, sys.stderr):
-                os.dup2(devnull.fileno(), stream.fileno())
+        silence_terminal()
 
 
 @contextlib.contextmanager
@@ -729,7 +747,9 @@ def train(args: argparse.Namespace, model: TransformerLM, tokenizer: BPETokenize
     log(run, f"{kind}: {run.raw_model.num_parameters():,} parameters, {len(train_data):,} training windows, "
              f"{run.total_steps:,} steps of {tokens_per_step:,} tokens, device {run.device}, "
              f"precision {run.amp_dtype or torch.float32}")
-    handlers = {sig: signal.signal(sig, functools.partial(request_stop, run)) for sig in STOP_SIGNALS}
+    # A signal that is ignored stays ignored: nohup ignores SIGHUP so that a run outlives its terminal.
+    handlers = {sig: signal.signal(sig, functools.partial(request_stop, run)) for sig in STOP_SIGNALS
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     started, seconds_before = time.perf_counter(), state["train_seconds"]
     window_loss, window_steps, reason = 0.0, 0, "finished"
     try:

@@ -349,14 +349,16 @@ def test_bad_tokenizer_files_get_a_clear_error(tmp_path, content, message):
     assert str(path) in str(err.value)
 
 
-def test_a_file_with_an_unknown_split_pattern_is_refused_before_the_pattern_runs(small_tokenizer, tmp_path):
+def test_an_unknown_split_pattern_is_refused_before_it_runs(small_tokenizer, tmp_path):
     data = small_tokenizer.to_dict()
     data["pattern"] = "(a|aa)+b|."  # backtracks for minutes on "aaaa...a"
     path = tmp_path / "crafted.json"
     path.write_text(json.dumps(data), encoding="utf-8")
-    with pytest.raises(TokenizerFileError, match=r"crafted.json: its split pattern is not one of KNOWN_SPLIT_PATTERNS "
-                                                 r"\(GPT-2\): refused"):
+    with pytest.raises(TokenizerFileError, match=r"crafted.json: malformed tokenizer file: the split pattern is not one "
+                                                 r"of KNOWN_SPLIT_PATTERNS \(GPT-2\): refused"):
         BPETokenizer.load(path)
+    with pytest.raises(ValueError, match="KNOWN_SPLIT_PATTERNS"):  # nor in code, before any counting
+        BPETokenizer.train(["aaaa"] * 10**6, vocab_size=300, pattern=data["pattern"])
 
 
 def test_worker_processes_leave_ctrl_c_to_the_parent():

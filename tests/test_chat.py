@@ -470,11 +470,12 @@ def test_save_never_replaces_a_file_and_a_message_keeps_all_but_control_characte
     family = "\U0001F468\u200d\U0001F469\u200d\U0001F467"  # one emoji: three people joined by zero-width joiners
     old = tmp_path / "model.pth"
     old.write_bytes(b"a checkpoint")
-    script = f"Tell me about {family}\x1b\x00.\n/save {old}\n/set temperature nan\n/history\n/quit\n"
+    script = f"Tell me about {family}\x1b\x00.\n/save {old}\n".encode() + b"caf\xe9 au lait\n/history\n/quit\n"
     result = subprocess.run([sys.executable, str(REPO / "chat_with_tinystories_model.py"), "--model_path",
                              str(chat_checkpoint), "--max_new_tokens", "4", "--seed", "0"],
-                            input=script, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert f"/save: {old} exists; give a new file name" in result.stdout and old.read_bytes() == b"a checkpoint"
-    assert "/set temperature: temperature must be a finite number >= 0 (0 means greedy), not nan" in result.stdout
-    assert f"user: Tell me about {family}.\n" in result.stdout
+                            input=script, capture_output=True, timeout=120)
+    stdout = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert f"/save: {old} exists; give a new file name" in stdout and old.read_bytes() == b"a checkpoint"
+    assert f"user: Tell me about {family}.\n" in stdout
+    assert "user: caf\ufffd au lait\n" in stdout  # a byte that is not UTF-8 is a replacement character, not an exit

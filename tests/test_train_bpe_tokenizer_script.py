@@ -27,16 +27,16 @@ def story_file(tmp_path):
     return path
 
 
-def test_trains_saves_and_reports(story_file, tmp_path):
+def test_trains_saves_into_new_folders_and_reports(story_file, tmp_path):
     result = run("--dataset", str(story_file), "--vocab_size", "300", "--heldout", "5",
-                 "--output", "tok.json", "--hf_output", "hf.json", cwd=tmp_path)
+                 "--output", "new/tok.json", "--hf_output", "hf.json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "training on 55 stories" in out
     assert "vocab_size 300 (40 merges, 4 special tokens)" in out
     assert "compression on 5 held-out stories:" in out and "bytes per token" in out
     assert "first merges:" in out
-    tokenizer = BPETokenizer.load(tmp_path / "tok.json")
+    tokenizer = BPETokenizer.load(tmp_path / "new" / "tok.json")
     assert tokenizer.vocab_size == 300
 
     from tokenizers import Tokenizer
@@ -45,10 +45,12 @@ def test_trains_saves_and_reports(story_file, tmp_path):
     assert hf.encode(STORIES[3] + "<|endoftext|>").ids == tokenizer.encode(STORIES[3] + "<|endoftext|>")
 
 
-def test_sample_trains_on_that_many_stories(story_file, tmp_path):
-    result = run("--dataset", str(story_file), "--vocab_size", "280", "--sample", "20", "--heldout", "2", cwd=tmp_path)
+@pytest.mark.parametrize("heldout, held", [("2", 2), ("500", 40)])  # 500: more than the file has beyond the sample
+def test_sample_trains_on_that_many_stories_and_holds_out_what_it_can(story_file, tmp_path, heldout, held):
+    result = run("--dataset", str(story_file), "--vocab_size", "280", "--sample", "20", "--heldout", heldout,
+                 cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "training on 20 stories" in result.stdout
+    assert "training on 20 stories" in result.stdout and f"compression on {held} held-out stories" in result.stdout
 
 
 @pytest.mark.parametrize(

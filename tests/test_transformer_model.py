@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bpe_tokenizer import BPETokenizer
-from common import autocast_dtype, cpu_has_native_bf16, pick_device
+from common import autocast_dtype, cpu_has_native_bf16, pick_device, temporary_name, write_atomically
 from gpt2_interop import to_hf_gpt2
 from transformer_model import (
     POSITION_EMBEDDINGS,
@@ -403,14 +403,20 @@ def test_a_failed_save_is_one_line_leaves_no_temporary_file_and_keeps_the_old_ch
     assert load_checkpoint(path)[2]["step"] == 1
 
 
-def test_a_save_removes_the_temporary_files_of_killed_processes_and_keeps_those_of_live_ones(tmp_path, tokenizer):
+def test_a_save_removes_the_temporary_files_of_killed_processes_and_keeps_any_other(tmp_path, tokenizer):
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead, alive = int(finished.stdout), os.getppid()
-    (tmp_path / f"model.pth.tmp{dead}").write_bytes(b"half a checkpoint, its writer killed")
-    (tmp_path / f"model.pth.tmp{alive}").write_bytes(b"a checkpoint being written")
-    (tmp_path / f"other.pth.tmp{dead}").write_bytes(b"another file's: not this save's business")
+    kept = [temporary_name("model.pth", alive),  # a save in progress
+            temporary_name("model.pth", dead) + ".bak",  # not a name write_atomically makes
+            f"model.pth.tmp-another-machine-{dead}",  # its process id means nothing here
+            temporary_name("other.pth", dead)]  # another file's
+    for name in [temporary_name("model.pth", dead), *kept]:
+        (tmp_path / name).write_bytes(b"half a checkpoint")
     save_checkpoint(tmp_path / "model.pth", tiny_model(), tokenizer)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth", f"model.pth.tmp{alive}", f"other.pth.tmp{dead}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.pth", *kept])
+    (tmp_path / temporary_name("tokens.npy", dead, ".npy")).write_bytes(b"half a cache")  # np.save's suffix
+    write_atomically(tmp_path / "tokens.npy", lambda tmp: np.save(tmp, np.arange(3)), suffix=".npy")
+    assert not (tmp_path / temporary_name("tokens.npy", dead, ".npy")).exists()
 
 
 def test_a_checkpoint_path_that_is_a_folder_is_refused_before_writing(tmp_path, tokenizer):
