@@ -166,6 +166,7 @@ class _ChunkCache(dict):
 
 
 def check_split_pattern(pattern: str) -> None:
+    """A ValueError unless pattern is one of KNOWN_SPLIT_PATTERNS."""
     if pattern not in KNOWN_SPLIT_PATTERNS.values():
         raise ValueError(f"the split pattern is not one of KNOWN_SPLIT_PATTERNS ({', '.join(KNOWN_SPLIT_PATTERNS)}): "
                          "refused, since a crafted pattern can hang the program; add your own to bpe_tokenizer.py "

@@ -108,6 +108,7 @@ def remove_stale_temporaries(path: str, suffix: str = "") -> None:
     the middle of a save (kill -9, a power cut) leaves one, and it may be large. Best effort:
     a folder that cannot be listed is left alone."""
     folder, name = os.path.split(path)
+    # temporary_name's form, with any process id
     stale = re.compile(re.escape(f"{name}.tmp-{socket.gethostname()}-") + r"([0-9]{1,9})" + re.escape(suffix))
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder or "."):
@@ -120,9 +121,9 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object], su
     """Make path's folder if need be, write(temporary_path), flush it to disk, then rename the
     result to path. A rename within a folder is atomic, so a reader (or a run resumed after a
     crash) sees the old file or the new one, never half of one. suffix keeps an extension some
-    writers insist on (np.save adds .npy). A write that fails (a full disk, a read-only folder, a folder at path) is an OSError
-    whose message names path and the cause; the temporary file is removed and an old file at
-    path is left as it was."""
+    writers insist on (np.save adds .npy). A write that fails (a full disk, a read-only
+    folder, a folder at path) is an OSError whose message names path and the cause; the
+    temporary file is removed and an old file at path is left as it was."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise OSError(f"cannot write {path}: it is a folder; give a file name")

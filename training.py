@@ -21,8 +21,8 @@ The file, top to bottom:
 - one step: diverged (the error for a loss that is no longer a number), train_step;
 - evaluation: process_share, fit_temperature (with calibration data), evaluate, sample,
   is_improvement, evaluation_says_stop;
-- the loop: STOP_SIGNALS, silence_terminal and request_stop (Ctrl-C, SIGTERM, SIGHUP),
-  first_step_must_fit, stop_signals, log_step, finish,
+- the loop: STOP_SIGNALS, silence_terminal, request_stop and install_stop_handlers (Ctrl-C,
+  SIGTERM, SIGHUP), first_step_must_fit, stop_signals, log_step, finish,
   wrap_model, close, and train.
 
 Every run writes best_model.pth, final_model.pth, last.pth (with the optimizer, scaler, data
@@ -653,6 +653,13 @@ def request_stop(run: Run, signum: int, frame: object) -> None:
         silence_terminal()
 
 
+def install_stop_handlers(run: Run) -> dict:
+    """request_stop for each of STOP_SIGNALS; returns the handlers it replaced. A signal that is
+    ignored stays ignored: nohup ignores SIGHUP so that a run outlives its terminal."""
+    return {sig: signal.signal(sig, functools.partial(request_stop, run)) for sig in STOP_SIGNALS
+            if signal.getsignal(sig) is not signal.SIG_IGN}
+
+
 @contextlib.contextmanager
 def first_step_must_fit(run: Run) -> Iterator[None]:
     """Turn an out-of-memory error in the first step into a line that says which flag to lower."""
@@ -747,9 +754,7 @@ def train(args: argparse.Namespace, model: TransformerLM, tokenizer: BPETokenize
     log(run, f"{kind}: {run.raw_model.num_parameters():,} parameters, {len(train_data):,} training windows, "
              f"{run.total_steps:,} steps of {tokens_per_step:,} tokens, device {run.device}, "
              f"precision {run.amp_dtype or torch.float32}")
-    # A signal that is ignored stays ignored: nohup ignores SIGHUP so that a run outlives its terminal.
-    handlers = {sig: signal.signal(sig, functools.partial(request_stop, run)) for sig in STOP_SIGNALS
-                if signal.getsignal(sig) is not signal.SIG_IGN}
+    handlers = install_stop_handlers(run)
     started, seconds_before = time.perf_counter(), state["train_seconds"]
     window_loss, window_steps, reason = 0.0, 0, "finished"
     try:
