@@ -5,10 +5,10 @@
   signal's number (143 for SIGTERM, 129 for SIGHUP).
 - output_path_problem, check_output_paths: refuse output files and folders that cannot be
   written, before any work.
-- write_atomically: write a file through a temporary name (temporary_name), fsync and a
-  rename, so a crash never leaves half a file (checkpoints, tokenizers, token caches), and a
-  failed write is one line; the temporary files that killed processes left behind are removed
-  first (process_is_alive, remove_stale_temporaries).
+- write_atomically: write a file through a temporary name (temporary_prefix, temporary_name),
+  fsync and a rename, so a crash never leaves half a file (checkpoints, tokenizers, token
+  caches), and a failed write is one line; the temporary files that killed processes left
+  behind are removed first (process_is_alive, remove_stale_temporaries).
 - pick_device, cpu_has_native_bf16, autocast_dtype, autocast: where to run, and in which
   mixed precision.
 
@@ -97,10 +97,16 @@ def process_is_alive(pid: int) -> bool:
     return True
 
 
+def temporary_prefix(path: str) -> str:
+    """The start of write_atomically's temporary file names for path on this machine; the
+    process id and the suffix follow. It names the machine as well as the process: on a folder
+    several machines share, a process id means nothing to the others."""
+    return f"{path}.tmp-{socket.gethostname()}-"
+
+
 def temporary_name(path: str, pid: int, suffix: str = "") -> str:
-    """write_atomically's temporary file for path. It names the machine as well as the process:
-    on a folder several machines share, a process id means nothing to the others."""
-    return f"{path}.tmp-{socket.gethostname()}-{pid}{suffix}"
+    """write_atomically's temporary file for path, written by process pid."""
+    return f"{temporary_prefix(path)}{pid}{suffix}"
 
 
 def remove_stale_temporaries(path: str, suffix: str = "") -> None:
@@ -108,8 +114,7 @@ def remove_stale_temporaries(path: str, suffix: str = "") -> None:
     the middle of a save (kill -9, a power cut) leaves one, and it may be large. Best effort:
     a folder that cannot be listed is left alone."""
     folder, name = os.path.split(path)
-    # temporary_name's form, with any process id
-    stale = re.compile(re.escape(f"{name}.tmp-{socket.gethostname()}-") + r"([0-9]{1,9})" + re.escape(suffix))
+    stale = re.compile(re.escape(temporary_prefix(name)) + r"([0-9]{1,9})" + re.escape(suffix))  # any process id
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder or "."):
             match = stale.fullmatch(entry.name)

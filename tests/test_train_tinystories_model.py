@@ -494,6 +494,18 @@ def test_bad_flags_are_refused_by_the_parser(corpus, tmp_path, capsys, extra, me
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def start_a_long_run(corpus, output, preexec_fn=default_ctrl_c) -> subprocess.Popen:
+    """The training script on a run far too long to finish, returned a few steps in."""
+    process = subprocess.Popen([sys.executable, str(REPO / "train_tinystories_model.py"),
+                                *train_args(corpus, output, "--max_steps", "100000", "--eval_interval", "50")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
+    deadline = time.time() + 120
+    while not (output / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # a few steps in
+    return process
+
+
 def test_the_same_signal_again_at_once_is_its_echo_and_any_other_quits_without_saving(tmp_path, monkeypatch):
     run = argparse.Namespace(stop_signal=0, stop_time=0.0, out=tmp_path, dist=argparse.Namespace(main=False))
     clock = iter([100.0, 101.0, 103.5])
@@ -511,13 +523,7 @@ def test_under_nohup_a_closed_terminal_does_not_stop_the_run(corpus, tmp_path):
         default_ctrl_c()
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-    process = subprocess.Popen([sys.executable, str(REPO / "train_tinystories_model.py"),
-                                *train_args(corpus, tmp_path / "run", "--max_steps", "100000", "--eval_interval", "50")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=like_nohup)
-    deadline = time.time() + 120
-    while not (tmp_path / "run" / "config.json").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1)
+    process = start_a_long_run(corpus, tmp_path / "run", preexec_fn=like_nohup)
     process.send_signal(signal.SIGHUP)
     time.sleep(2)
     assert process.poll() is None  # still training
@@ -538,13 +544,7 @@ def test_empty_data_is_one_clear_line(corpus, tmp_path):
 @pytest.mark.parametrize("stop, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
                          ids=["Ctrl-C", "SIGTERM", "SIGHUP"])
 def test_a_stop_signal_saves_says_how_to_resume_and_exits_as_a_shell_reports_it(corpus, tmp_path, stop, status):
-    process = subprocess.Popen([sys.executable, str(REPO / "train_tinystories_model.py"),
-                                *train_args(corpus, tmp_path / "run", "--max_steps", "100000", "--eval_interval", "50")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_ctrl_c)
-    deadline = time.time() + 120
-    while not (tmp_path / "run" / "config.json").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(2)  # a few steps in
+    process = start_a_long_run(corpus, tmp_path / "run")
     process.send_signal(stop)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == status, stderr[-2000:]
