@@ -31,7 +31,7 @@ The file, top to bottom:
   first), and learn_merges, the incremental one that train uses, with its helpers;
 - BPETokenizer: basic facts, encoding (encode, encode_batch, encode_iterable), the chat
   template, decoding, train, and persistence (its own JSON file). GPT-2's files and Hugging
-  Face's tokenizer.json are read and written by gpt2_interop.py.
+  Face's tokenizer.json are read and written by hf_interop.py.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@
 - write_atomically: write a file through a temporary name (temporary_prefix, temporary_name),
   fsync and a rename, so a crash never leaves half a file (checkpoints, tokenizers, token
   caches), and a failed write is one line; the temporary files that killed processes left
-  behind are removed first (process_is_alive, remove_stale_temporaries).
+  behind are removed first (process_is_alive, remove_stale_temporaries). write_folder_atomically
+  does the same for a folder of files (a model export).
 - pick_device, cpu_has_native_bf16, autocast_dtype, autocast: where to run, and in which
   mixed precision.
 
@@ -21,6 +22,7 @@ import argparse
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -149,6 +151,34 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object], su
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_folder_atomically(path: str | os.PathLike, write: Callable[[str], object], overwrite: bool = False) -> None:
+    """write_atomically for a folder of files: write(temporary_folder), then a rename makes it
+    path, so a reader never sees half an export. An existing path is refused, or with
+    overwrite replaced (moved aside, then removed once the new folder is in place). A failed
+    write is an OSError naming path; the temporary folder is removed and path left as it was."""
+    path = os.fspath(path).rstrip(os.sep) or os.sep
+    if os.path.lexists(path) and not (overwrite and os.path.isdir(path)):
+        raise OSError(f"cannot write {path}: it already exists")
+    tmp = temporary_name(path, os.getpid())
+    old = tmp + "-old"
+    try:
+        os.makedirs(tmp)
+        write(tmp)
+        if os.path.lexists(path):
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if os.path.lexists(old):
+                os.replace(old, path)  # put the old folder back
+            raise
+    except OSError as err:
+        raise OSError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -60,6 +60,9 @@ class LanguageModel(Protocol):
 
 # ------------------------------------------------------------------------- 1. sampling
 
+# generate_tinystories_text.py's defaults for a story (exports record them as the model's own).
+STORY_SAMPLING = {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "max_new_tokens": 200}
+
 
 def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits of each row (and any tied with the k-th); -inf elsewhere."""

@@ -27,6 +27,7 @@ import torch
 from bpe_tokenizer import ENDOFTEXT, BPETokenizer
 from common import run_script
 from decoding import (
+    STORY_SAMPLING,
     LanguageModel,
     beam_search,
     check_length_penalty,
@@ -48,16 +49,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model_path", default=DEFAULT_MODEL, help="a checkpoint (default: the released pretrained/tinystories_base.pth)")
     parser.add_argument("--prompt", action="append", help="the start of a story; repeat for several")
     parser.add_argument("--prompt_file", help="read one prompt from this file")
-    parser.add_argument("--max_new_tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--max_new_tokens", type=int, default=STORY_SAMPLING["max_new_tokens"])
+    parser.add_argument("--temperature", type=float, default=STORY_SAMPLING["temperature"], help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=STORY_SAMPLING["top_k"],
+                        help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--top_p", type=float, default=STORY_SAMPLING["top_p"], help="nucleus sampling mass (1 = off)")
     parser.add_argument("--num_beams", type=int, default=None,
                         help="> 1: beam search instead of sampling (default 1, or 4 with --force_words)")
     parser.add_argument("--force_words", default="",
                         help="words every story must use (commas or spaces between them): a constrained beam search")
     parser.add_argument("--length_penalty", type=float, default=1.0, help="beam search: score / length ** this")
-    parser.add_argument("--repetition_penalty", type=float, default=1.0)
+    parser.add_argument("--repetition_penalty", type=float, default=STORY_SAMPLING["repetition_penalty"])
     parser.add_argument("--no_repeat_ngram_size", type=int, default=0)
     parser.add_argument("--num_samples", type=int, default=1, help="stories per prompt")
     parser.add_argument("--seed", type=int, default=None)

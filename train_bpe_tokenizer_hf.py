@@ -16,7 +16,7 @@ import time
 
 from bpe_tokenizer import DEFAULT_SPECIAL_TOKENS, BPETokenizer
 from common import check_output_paths, run_script
-from gpt2_interop import save_hf_tokenizer
+from hf_interop import save_hf_tokenizer
 from tinystories_data import DEFAULT_DATASET, hold_out, load_stories
 
 

@@ -23,11 +23,13 @@ The file reads top to bottom, each part using only what came before it:
    FusedAttention), chosen by config.attention_impl;
 4. the feed-forward layer, the block, the LM head;
 5. the model, TransformerLM, whose forward reads like the diagram above;
-6. checkpoints (one safe .pth file with config, weights, tokenizer) and FLOPs per token.
+6. checkpoints (one safe .pth file with config, weights, tokenizer; load_checkpoint also reads
+   an exported Hugging Face folder) and FLOPs per token.
 
 Elsewhere: the KV cache that attention writes into when decoding (kv_cache.py), decoding
 (decoding.py), the optional speed paths, switched on from outside: one-row products, the
-chunked loss, compiled decoding, int8 (speedups.py), and GPT-2 interop (gpt2_interop.py).
+chunked loss, compiled decoding, int8 (speedups.py), and the Hugging Face exports and GPT-2's files
+(hf_interop.py, gguf_export.py, export_model.py).
 """
 
 from __future__ import annotations
@@ -716,8 +718,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike, device: str = "auto") -> tuple[TransformerLM, BPETokenizer, dict]:
-    """(model in eval mode on device, tokenizer, metadata) from a file of save_checkpoint.
+    """(model in eval mode on device, tokenizer, metadata) from a file of save_checkpoint, or
+    from a Hugging Face folder that export_model.py wrote (hf_interop.load_hf_folder).
     Anything wrong raises CheckpointError with one line naming the file and the problem."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        from hf_interop import load_hf_folder  # here, not at the top: hf_interop builds on this file
+
+        model, tokenizer, metadata = load_hf_folder(path)
+        return model.to(pick_device(device)), tokenizer, metadata
     payload = read_checkpoint(path)
     try:
         config = TransformerConfig.from_dict(payload["config"])

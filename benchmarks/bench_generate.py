@@ -4,7 +4,7 @@
     python benchmarks/bench_generate.py --quality_only --quality_checkpoint pretrained/tinystories_base.pth
 
 A GPT-2-shaped configuration of the default size (learned positions, full attention,
-gelu_tanh; 5.85M parameters) is copied into transformers.GPT2LMHeadModel with to_hf_gpt2, so
+gelu_tanh; 5.85M parameters) is copied into transformers.GPT2LMHeadModel with to_hf_model, so
 both run identical weights. Float32, a 16-token prompt and 256 new tokens (no end token, so
 every run makes all 256), tokens/second as a median of --repeats interleaved runs: batch 1
 greedy, temperature sampling, top-p sampling (p = 0.9) and beam search with 4 beams, batch 16
@@ -32,7 +32,7 @@ import torch
 
 from bench_utils import interleaved_seconds, machine_line, matmul_peak, median_seconds, memory_bandwidth, synchronized
 from decoding import beam_search, generate, generate_without_cache
-from gpt2_interop import to_hf_gpt2
+from hf_interop import to_hf_model
 from speedups import (
     compile_decoding,
     few_row_blocks,
@@ -124,7 +124,7 @@ def decoding_cases(device: torch.device):
     (case, batch, our model, how ours runs, how Hugging Face runs (None: no peer))."""
     config = TransformerConfig(position_embedding="learned", window_size=None, activation="gelu_tanh")
     ours = use_few_row_linear(TransformerLM(config).eval().to(device))
-    hf = to_hf_gpt2(ours)
+    hf = to_hf_model(ours)
     ours_bf16, hf_bf16 = copy.deepcopy(ours).to(torch.bfloat16), copy.deepcopy(hf).to(torch.bfloat16)
     prompt = torch.randint(0, config.vocab_size, (1, PROMPT_TOKENS), device=device)
     batch_prompt = torch.randint(0, config.vocab_size, (16, PROMPT_TOKENS), device=device)

@@ -23,7 +23,7 @@ from bpe_tokenizer import (
     learn_merges_simple,
     text_to_bytes,
 )
-from gpt2_interop import save_hf_tokenizer, tokenizer_from_gpt2_files
+from hf_interop import save_hf_tokenizer, tokenizer_from_gpt2_files
 
 CORPUS = [
     "Once upon a time, there was a little girl named Lily. She loved to play outside.",

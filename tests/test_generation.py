@@ -18,7 +18,7 @@ from decoding import (
     sample_from_logits,
     stream,
 )
-from gpt2_interop import to_hf_gpt2
+from hf_interop import to_hf_model
 from test_transformer_model import SWITCHES, VOCAB, switch_ids, switched_model, tiny_model, tokenizer_of_size
 from transformer_model import TransformerConfig, TransformerLM
 
@@ -262,7 +262,7 @@ def test_invalid_beam_settings_are_refused(model, settings, message):
 def gpt2_pair():
     pytest.importorskip("transformers")
     ours = tiny_model(position_embedding="learned", activation="gelu_tanh", initializer_range=0.3)
-    return ours, to_hf_gpt2(ours, eos_token_id=EOS)
+    return ours, to_hf_model(ours, eos_token_id=EOS)
 
 
 def test_greedy_equals_hugging_face_generate(gpt2_pair):

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from bpe_tokenizer import BPETokenizer
 from common import autocast_dtype, cpu_has_native_bf16, pick_device, temporary_name, write_atomically
-from gpt2_interop import to_hf_gpt2
 from transformer_model import (
     POSITION_EMBEDDINGS,
     CheckpointError,
@@ -538,20 +537,3 @@ def test_devices_are_picked_or_refused_clearly():
 
 def test_cpu_autocast_dtype_follows_the_processor():
     assert autocast_dtype("cpu") == (torch.bfloat16 if cpu_has_native_bf16() else None)
-
-
-# ------------------------------------------------------------------ GPT-2 interop
-
-def test_a_gpt2_shaped_model_gives_the_logits_of_hugging_face_gpt2():
-    pytest.importorskip("transformers")
-    model = tiny_model(position_embedding="learned", activation="gelu_tanh", max_position_embeddings=32)
-    hf = to_hf_gpt2(model)
-    ids = random_ids(2, 32)
-    torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
-
-
-def test_other_configs_cannot_become_gpt2_and_say_why():
-    with pytest.raises(ValueError, match=r"position_embedding='rope'.*window_size=4.*activation='gelu'"):
-        to_hf_gpt2(tiny_model(position_embedding="rope", window_size=4))
-    with pytest.raises(ValueError, match=r"activation='relu2'.*qk_norm=True.*skip_weights=True"):
-        to_hf_gpt2(tiny_model(position_embedding="learned", activation="relu2", qk_norm=True, skip_weights=True))
