@@ -9,7 +9,7 @@
   fsync and a rename, so a crash never leaves half a file (checkpoints, tokenizers, token
   caches), and a failed write is one line; the temporary files that killed processes left
   behind are removed first (process_is_alive, remove_stale_temporaries). write_folder_atomically
-  does the same for a folder of files (a model export).
+  writes a folder of files (a model export) the same way, through a temporary folder and a rename.
 - pick_device, cpu_has_native_bf16, autocast_dtype, autocast: where to run, and in which
   mixed precision.
 
@@ -112,16 +112,19 @@ def temporary_name(path: str, pid: int, suffix: str = "") -> str:
 
 
 def remove_stale_temporaries(path: str, suffix: str = "") -> None:
-    """Remove path's temporary files whose process, on this machine, is gone: a run killed in
-    the middle of a save (kill -9, a power cut) leaves one, and it may be large. Best effort:
-    a folder that cannot be listed is left alone."""
+    """Remove path's temporary files (or folders, for write_folder_atomically) whose process,
+    on this machine, is gone: a run killed in the middle of a save (kill -9, a power cut)
+    leaves one, and it may be large. Best effort: what cannot be listed or removed is left."""
     folder, name = os.path.split(path)
     stale = re.compile(re.escape(temporary_prefix(name)) + r"([0-9]{1,9})" + re.escape(suffix))  # any process id
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder or "."):
             match = stale.fullmatch(entry.name)
             if match and not process_is_alive(int(match[1])):
-                os.remove(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.remove(entry.path)
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], object], suffix: str = "") -> None:
@@ -156,11 +159,15 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object], su
 def write_folder_atomically(path: str | os.PathLike, write: Callable[[str], object], overwrite: bool = False) -> None:
     """write_atomically for a folder of files: write(temporary_folder), then a rename makes it
     path, so a reader never sees half an export. An existing path is refused, or with
-    overwrite replaced (moved aside, then removed once the new folder is in place). A failed
-    write is an OSError naming path; the temporary folder is removed and path left as it was."""
+    overwrite replaced: moved aside first, and removed only once the new folder is in place
+    (an interruption between the two renames leaves it beside path, as PATH.tmp-HOST-PID-old).
+    A failed write is an OSError naming path; the temporary folder is removed and path left as
+    it was. The files are not fsynced one by one: a power cut can still cost the new export."""
     path = os.fspath(path).rstrip(os.sep) or os.sep
     if os.path.lexists(path) and not (overwrite and os.path.isdir(path)):
         raise OSError(f"cannot write {path}: it already exists")
+    for suffix in ("", "-old"):
+        remove_stale_temporaries(path, suffix)
     tmp = temporary_name(path, os.getpid())
     old = tmp + "-old"
     try:
@@ -177,8 +184,8 @@ def write_folder_atomically(path: str | os.PathLike, write: Callable[[str], obje
     except OSError as err:
         raise OSError(f"cannot write {path}: {err.strerror or err}") from None
     finally:
-        for leftover in (tmp, old):
-            shutil.rmtree(leftover, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # the new folder is in place: the old one can go
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -12,8 +12,8 @@ with QK-norm, and the folder carries the few lines that add it (starcoder2_qk_no
 A GGUF file runs in llama.cpp and ollama (GPT-2 and StarCoder2 shapes, no QK-norm).
 
 A configuration with no exact twin is refused with the fields named, before anything is written.
-With transformers installed, a Hugging Face export is checked at the end: its logits on a
-story against ours.
+With transformers installed, a float32 Hugging Face export is checked at the end: its logits
+on a story against ours, within 1e-4. --overwrite replaces only an earlier export.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 from common import check_output_paths, run_script
 from decoding import STORY_SAMPLING
 from gguf_export import save_gguf
-from hf_interop import save_hf_folder
-from transformer_model import TransformerLM, load_checkpoint
+from hf_interop import read_export_config, save_hf_folder
+from transformer_model import CheckpointError, TransformerLM, load_checkpoint
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "pretrained" / "tinystories_base.pth")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -51,21 +51,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.output = f"exports/{name}-hf" if args.format == "hf" else f"exports/{name}.gguf"
     if Path(args.output).exists() and not args.overwrite:
         parser.error(f"--output {args.output}: it already exists; pass --overwrite to replace it")
+    if args.format == "hf" and Path(args.output).is_dir() and not is_export_folder(args.output):
+        parser.error(f"--output {args.output}: a folder that export_model.py did not write; it is never replaced")
     check_output_paths(parser, args, **({"folders": ("output",)} if args.format == "hf" else {"files": ("output",)}))
     return args
+
+
+def is_export_folder(folder: str) -> bool:
+    try:
+        read_export_config(folder)
+        return True
+    except CheckpointError:
+        return False
 
 
 def default_sampling(metadata: dict) -> dict:
     """The decoding settings this project uses for the model's kind, for generation_config.json."""
     if metadata.get("kind") == "chat":
-        from request_following import CHAT_MAX_NEW_TOKENS, CHAT_SAMPLING  # here: it loads `datasets`, a second
+        from request_following import CHAT_MAX_NEW_TOKENS, CHAT_SAMPLING  # here: it imports `datasets` (a second)
 
         return CHAT_SAMPLING | {"max_new_tokens": CHAT_MAX_NEW_TOKENS}
     return STORY_SAMPLING
 
 
 def check_against_transformers(model: TransformerLM, ids: list[int], folder: str) -> None:
-    """Load the folder with transformers (if installed) and print the largest logit difference."""
+    """Load the folder with transformers (if installed) and print the largest logit difference;
+    a ValueError if it is above 1e-4, which would be a bug in the export."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
@@ -77,6 +88,9 @@ def check_against_transformers(model: TransformerLM, ids: list[int], folder: str
         difference = (hf(tokens).logits - model.cpu()(tokens).logits).abs().max().item()
     print(f"checked with transformers ({type(hf).__name__}): largest logit difference {difference:.2e} "
           f"over {len(ids)} tokens")
+    if not difference <= 1e-4:
+        raise ValueError(f"the export in {folder} gives logits {difference:.2e} away from ours: a bug, please "
+                         "report it")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         print("load it with trust_remote_code=True (QK-norm is added by the folder's starcoder2_qk_norm.py)")
     if dtype == torch.float32:
         check_against_transformers(model, tokenizer.encode(CHECK_TEXT), args.output)
+    else:
+        print("(a float16 export is not checked against transformers: rounding alone moves its logits)")
 
 
 if __name__ == "__main__":

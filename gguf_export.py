@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import os
 
+import gguf
 import numpy as np
 import torch
 import torch.nn as nn
 
 from bpe_tokenizer import ENDOFTEXT, BPETokenizer, bytes_to_text
 from common import write_atomically
-from hf_interop import CHAT_TEMPLATE, ExportError, hf_architecture, hf_state_dict, weight_links
+from hf_interop import CHAT_TEMPLATE, ExportError, hf_architecture, hf_problems, hf_state_dict, windowed
 from transformer_model import TransformerConfig, unwrap_model
 
 GGUF_ARCHITECTURES = {"gpt2": "gpt2", "starcoder2": "starcoder2"}  # our hf_architecture -> llama.cpp's
@@ -37,15 +38,13 @@ GGUF_ARCHITECTURES = {"gpt2": "gpt2", "starcoder2": "starcoder2"}  # our hf_arch
 
 def gguf_problems(config: TransformerConfig, allow_gelu_approx: bool = False) -> list[str]:
     """The fields that keep config from running in llama.cpp as it runs here."""
-    try:
-        architecture = hf_architecture(config)
-    except ExportError as err:
-        return [str(err)]
-    problems = []
+    architecture, problems = hf_problems(config)
+    if architecture == "starcoder2" and config.qk_norm:
+        problems.append("qk_norm=True (llama.cpp's StarCoder2 does not normalise queries and keys; export --format hf "
+                        "instead)")
     if architecture not in GGUF_ARCHITECTURES:
-        reason = ("qk_norm=True: llama.cpp's StarCoder2 does not normalise queries and keys" if config.qk_norm
-                  else f"position_embedding={config.position_embedding!r}: the GGUF export covers GPT-2 and StarCoder2 only")
-        problems.append(f"{reason}; export --format hf instead")
+        problems.append(f"position_embedding={config.position_embedding!r} (the GGUF export covers GPT-2 and "
+                        "StarCoder2 only)")
     if config.activation == "relu2":
         problems.append("activation='relu2' (llama.cpp's GPT-2 and StarCoder2 use GELU)")
     if config.activation == "gelu" and not allow_gelu_approx:
@@ -54,31 +53,38 @@ def gguf_problems(config: TransformerConfig, allow_gelu_approx: bool = False) ->
     return problems
 
 
-def gguf_tensors(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, np.ndarray]:
-    """GGUF tensor name -> array. Matrices in dtype; vectors (norms, biases) always in float32,
-    as llama.cpp expects. GPT-2's Conv1D weights go back to nn.Linear's (out, in) layout."""
-    import gguf
+def gguf_context(config: TransformerConfig) -> int:
+    """The context a GGUF file declares: the window where there is one, since llama.cpp has none."""
+    return config.window_size if windowed(config) else config.max_position_embeddings
 
+
+UNBIASED = ("token_embd", "position_embd", "output")  # the tables and the head: the matrices with no bias
+
+
+def gguf_tensors(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, np.ndarray]:
+    """GGUF tensor name -> array, every matrix in nn.Linear's (out, in) layout. Matrices in
+    dtype; vectors (norms, biases) always in float32, as llama.cpp expects."""
     model = unwrap_model(model)
     architecture = GGUF_ARCHITECTURES[hf_architecture(model.config)]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[architecture.upper()], model.config.num_hidden_layers)
-    transposed = {link.name for link in weight_links(model) if link.transpose}
     tensors = {}
-    for name, tensor in hf_state_dict(model).items():
-        tensor = tensor.T if name in transposed else tensor
+    for name, tensor in hf_state_dict(model, linear_layout=True).items():
         base, suffix = name.rsplit(".", 1)
         target = names.get_name(base)
         if target is None:
             raise ExportError(f"no GGUF name for {name}")
         tensors[f"{target}.{suffix}"] = tensor.to(dtype if tensor.dim() > 1 else torch.float32).contiguous().numpy()
+    # llama.cpp's StarCoder2 requires every bias: a model trained without them gets zeros.
+    for name, array in list(tensors.items()):
+        layer = name.removesuffix(".weight")
+        if array.ndim == 2 and layer not in UNBIASED and f"{layer}.bias" not in tensors:
+            tensors[f"{layer}.bias"] = np.zeros(array.shape[0], dtype=np.float32)
     return tensors
 
 
-def add_tokenizer(writer, tokenizer: BPETokenizer) -> None:
+def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: BPETokenizer) -> None:
     """GPT-2's kind of tokenizer: byte-level tokens (as Hugging Face writes them), merges, and
     our special tokens as control tokens. Our split pattern is GPT-2's, pre-tokenizer gpt-2."""
-    import gguf
-
     special_ids = set(tokenizer.special_tokens.values())
     tokens = [token.decode("utf-8") if i in special_ids else bytes_to_text(token)
               for i, token in sorted(tokenizer.vocab.items())]
@@ -96,11 +102,9 @@ def add_tokenizer(writer, tokenizer: BPETokenizer) -> None:
     writer.add_chat_template(CHAT_TEMPLATE)
 
 
-def add_hyperparameters(writer, config: TransformerConfig, architecture: str) -> None:
-    context = config.max_position_embeddings
-    if config.window_size is not None:
-        context = min(context, config.window_size)  # no window in llama.cpp: within it, the window changes nothing
-    writer.add_context_length(context)
+def add_hyperparameters(writer: gguf.GGUFWriter, config: TransformerConfig, architecture: str) -> None:
+    """The sizes llama.cpp builds the architecture from, under the architecture's own keys."""
+    writer.add_context_length(gguf_context(config))
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -117,8 +121,6 @@ def save_gguf(model: nn.Module, tokenizer: BPETokenizer, path: str | os.PathLike
     """Write model and tokenizer as one GGUF file, atomically; dtype float32 or float16.
     Returns llama.cpp's architecture name; ExportError, before anything is written, if the
     model cannot run there."""
-    import gguf
-
     model = unwrap_model(model)
     problems = gguf_problems(model.config, allow_gelu_approx)
     if problems:

@@ -134,11 +134,16 @@ CHAT_TEMPLATE = (
 )
 
 
+def special_tokens_map(tokenizer: BPETokenizer) -> dict:
+    """special_tokens_map.json: <|endoftext|> ends a text and pads; the chat roles are the others."""
+    return {"eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT,
+            "additional_special_tokens": [s for s in tokenizer.special_tokens if s != ENDOFTEXT]}
+
+
 def hf_tokenizer_config(tokenizer: BPETokenizer, context: int) -> dict:
-    """tokenizer_config.json: the fast tokenizer class, <|endoftext|> as eos, no BOS, the chat template."""
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT,
-            "bos_token": None, "add_bos_token": False, "model_max_length": context, "clean_up_tokenization_spaces": False,
-            "additional_special_tokens": [s for s in tokenizer.special_tokens if s != ENDOFTEXT],
+    """tokenizer_config.json: the fast tokenizer class, no BOS, the special tokens, the chat template."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "add_bos_token": False,
+            "model_max_length": context, "clean_up_tokenization_spaces": False, **special_tokens_map(tokenizer),
             "chat_template": CHAT_TEMPLATE}
 
 
@@ -148,28 +153,9 @@ class ExportError(ValueError):
     """A model configuration with no exact twin in transformers (or GGUF); the message names the fields."""
 
 
-def hf_architecture(config: TransformerConfig) -> str:
-    """"gpt2", "starcoder2", "starcoder2_qk_norm" or "mpt": the architecture that computes exactly
-    what config does. Otherwise ExportError, naming every field without an exact twin."""
-    architecture = {"learned": "gpt2", "sinusoidal": "gpt2", "none": "gpt2", "rope": "starcoder2",
-                    "alibi": "mpt"}[config.position_embedding]
-    problems = []
-    if config.norm_position != "pre":
-        problems.append(f"norm_position={config.norm_position!r} (every exported architecture is pre-norm)")
-    if config.skip_weights:
-        problems.append("skip_weights=True (no exported architecture mixes the input back into each block)")
-    if config.qk_norm and architecture != "starcoder2":
-        problems.append(f"qk_norm=True with position_embedding={config.position_embedding!r} (only the RoPE export "
-                        "carries QK-norm)")
-    windowed = config.window_size is not None and config.window_size < config.max_position_embeddings
-    if windowed and architecture != "starcoder2":
-        problems.append(f"window_size={config.window_size} (GPT-2 and MPT attend to their whole context of "
-                        f"{config.max_position_embeddings}; only the RoPE export has a sliding window)")
-    if architecture == "mpt":
-        problems += mpt_problems(config)
-    if problems:
-        raise ExportError("no exact Hugging Face architecture for this model: " + "; ".join(problems))
-    return "starcoder2_qk_norm" if config.qk_norm else architecture
+def windowed(config: TransformerConfig) -> bool:
+    """Whether the attention window is shorter than the context, so that it changes outputs."""
+    return config.window_size is not None and config.window_size < config.max_position_embeddings
 
 
 def mpt_problems(config: TransformerConfig) -> list[str]:
@@ -190,6 +176,37 @@ def mpt_problems(config: TransformerConfig) -> list[str]:
     return problems
 
 
+def hf_problems(config: TransformerConfig) -> tuple[str, list[str]]:
+    """The architecture for this config's positions ("gpt2", "starcoder2" or "mpt"), and every
+    field that keeps it from computing exactly what config does (empty if none).
+    (BLOOM, the other ALiBi architecture, is never exact: it normalises the embeddings.)"""
+    architecture = {"learned": "gpt2", "sinusoidal": "gpt2", "none": "gpt2", "rope": "starcoder2",
+                    "alibi": "mpt"}[config.position_embedding]
+    problems = []
+    if config.norm_position != "pre":
+        problems.append(f"norm_position={config.norm_position!r} (every exported architecture is pre-norm)")
+    if config.skip_weights:
+        problems.append("skip_weights=True (no exported architecture mixes the input back into each block)")
+    if config.qk_norm and architecture != "starcoder2":
+        problems.append(f"qk_norm=True with position_embedding={config.position_embedding!r} (only the RoPE "
+                        "export carries QK-norm)")
+    if windowed(config) and architecture != "starcoder2":
+        problems.append(f"window_size={config.window_size} (GPT-2 and MPT attend to their whole context of "
+                        f"{config.max_position_embeddings}; only the RoPE export has a sliding window)")
+    if architecture == "mpt":
+        problems += mpt_problems(config)
+    return architecture, problems
+
+
+def hf_architecture(config: TransformerConfig) -> str:
+    """"gpt2", "starcoder2", "starcoder2_qk_norm" or "mpt": the architecture that computes exactly
+    what config does. Otherwise ExportError, naming every field without an exact twin."""
+    architecture, problems = hf_problems(config)
+    if problems:
+        raise ExportError("no exact Hugging Face architecture for this model: " + "; ".join(problems))
+    return "starcoder2_qk_norm" if config.qk_norm else architecture
+
+
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu2": "relu2"}  # transformers' ACT2FN names
 
 
@@ -207,7 +224,6 @@ def gpt2_config(config: TransformerConfig) -> dict:
 
 def starcoder2_config(config: TransformerConfig) -> dict:
     c = config
-    windowed = c.window_size is not None and c.window_size < c.max_position_embeddings
     result = {"architectures": ["Starcoder2ForCausalLM"], "model_type": "starcoder2", "vocab_size": c.vocab_size,
               "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
               "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
@@ -215,7 +231,7 @@ def starcoder2_config(config: TransformerConfig) -> dict:
               "max_position_embeddings": c.max_position_embeddings, "norm_epsilon": c.layer_norm_eps,
               "initializer_range": c.initializer_range, "rope_theta": c.rope_theta,
               "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-              "sliding_window": c.window_size if windowed else None, "attention_dropout": c.attention_dropout,
+              "sliding_window": c.window_size if windowed(c) else None, "attention_dropout": c.attention_dropout,
               "residual_dropout": c.dropout, "embedding_dropout": c.dropout, "use_bias": c.bias,
               "tie_word_embeddings": c.tie_word_embeddings}
     if c.qk_norm:  # Starcoder2 plus the remote-code file that normalises queries and keys
@@ -288,16 +304,19 @@ def gpt2_links(model: TransformerLM) -> list[WeightLink]:
     links = [WeightLink("transformer.wte.weight", "embed_tokens.weight", scale=scale),
              positions[config.position_embedding]()]
     for i, block in enumerate(model.blocks):
-        for ours, source, theirs in ((block.norm1, "norm1", "ln_1"), (block.attention.qkv, "attention.qkv", "attn.c_attn"),
+        for ours, source, theirs in ((block.norm1, "norm1", "ln_1"),
+                                     (block.attention.qkv, "attention.qkv", "attn.c_attn"),
                                      (block.attention.proj, "attention.proj", "attn.c_proj"),
-                                     (block.norm2, "norm2", "ln_2"), (block.feed_forward.fc1, "feed_forward.fc1", "mlp.c_fc"),
+                                     (block.norm2, "norm2", "ln_2"),
+                                     (block.feed_forward.fc1, "feed_forward.fc1", "mlp.c_fc"),
                                      (block.feed_forward.fc2, "feed_forward.fc2", "mlp.c_proj")):
             # GPT-2's Conv1D stores weights as (in, out): the transpose of nn.Linear's.
             links += linear_links(f"transformer.h.{i}.{theirs}", ours, f"blocks.{i}.{source}",
                                   transpose=isinstance(ours, nn.Linear))
     links += linear_links("transformer.ln_f", model.final_norm, "final_norm")
     if not gpt2_config(config)["tie_word_embeddings"]:
-        links.append(WeightLink("lm_head.weight", "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"))
+        head = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        links.append(WeightLink("lm_head.weight", head))
     return links
 
 
@@ -308,7 +327,7 @@ def starcoder2_links(model: TransformerLM) -> list[WeightLink]:
         links += linear_links(f"{layer}.input_layernorm", block.norm1, f"blocks.{i}.norm1")
         for j, name in enumerate(("q_proj", "k_proj", "v_proj")):  # our qkv's rows: all queries, all keys, all values
             links += linear_links(f"{layer}.self_attn.{name}", qkv, f"blocks.{i}.attention.qkv", part=(j, 3),
-                                  zero_bias=False)  # use_bias=False: Starcoder2's linear layers have none
+                                  zero_bias=False)  # use_bias follows our bias: a bias we lack is left out
         for ours, source, theirs in ((block.attention.proj, "attention.proj", "self_attn.o_proj"),
                                      (block.feed_forward.fc1, "feed_forward.fc1", "mlp.c_fc"),
                                      (block.feed_forward.fc2, "feed_forward.fc2", "mlp.c_proj")):
@@ -339,8 +358,10 @@ def weight_links(model: TransformerLM) -> list[WeightLink]:
     return {"gpt2": gpt2_links, "mpt": mpt_links}.get(architecture, starcoder2_links)(model)
 
 
-def hf_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The exported model's weights (name -> tensor), computed from ours through weight_links."""
+def hf_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32,
+                  linear_layout: bool = False) -> dict[str, torch.Tensor]:
+    """The exported model's weights (name -> tensor), computed from ours through weight_links.
+    linear_layout keeps every matrix in nn.Linear's (out, in) layout, GPT-2's too (GGUF's way)."""
     model = unwrap_model(model)
     ours = dict(model.named_parameters())
     state = {}
@@ -348,7 +369,7 @@ def hf_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[
         tensor = link.fixed if link.source is None else ours[link.source].detach()
         if link.part is not None:
             tensor = tensor.chunk(link.part[1])[link.part[0]]
-        tensor = tensor.T if link.transpose else tensor
+        tensor = tensor.T if link.transpose and not linear_layout else tensor
         state[link.name] = (tensor.float() * link.scale).to(dtype).contiguous().cpu()
     return state
 
@@ -378,7 +399,8 @@ def to_hf_model(model: nn.Module, eos_token_id: int | None = None) -> nn.Module:
     if settings["model_type"] == "starcoder2_qk_norm":
         import starcoder2_qk_norm
 
-        config_class, model_class = starcoder2_qk_norm.Starcoder2QKNormConfig, starcoder2_qk_norm.Starcoder2QKNormForCausalLM
+        config_class = starcoder2_qk_norm.Starcoder2QKNormConfig
+        model_class = starcoder2_qk_norm.Starcoder2QKNormForCausalLM
     else:
         config_class = type(transformers.AutoConfig.for_model(settings["model_type"]))
         model_class = getattr(transformers, settings["architectures"][0])
@@ -394,36 +416,59 @@ def to_hf_model(model: nn.Module, eos_token_id: int | None = None) -> nn.Module:
 # ------------------------------------------------------------------------- folders
 
 def plain_metadata(metadata: dict) -> dict:
-    """The parts of a checkpoint's metadata worth keeping in an export, as JSON values."""
+    """The parts of a checkpoint's metadata worth keeping in an export, as JSON values; an
+    absolute path among the run's flags keeps only its last part (the folder may be published)."""
     keep = {key: metadata[key] for key in ("kind", "step", "args", "history") if key in metadata}
+    if isinstance(keep.get("args"), dict):
+        keep["args"] = {k: os.path.basename(v) if isinstance(v, str) and os.path.isabs(v) else v
+                        for k, v in keep["args"].items()}
     return json.loads(json.dumps(keep, default=str))
+
+
+CARD_FLAGS = ("dataset", "optimizer", "learning_rate", "batch_size", "block_size", "weight_decay", "dropout")
 
 
 def model_card(config: TransformerConfig, architecture: str, metadata: dict) -> str:
     """README.md of an exported folder: what the model is, how it was made, how to run it."""
     history = metadata.get("history") if isinstance(metadata.get("history"), list) else []
-    scores = [entry["val_bits_per_byte"] for entry in history if isinstance(entry, dict) and "val_bits_per_byte" in entry]
-    kind = "chat model (fine-tuned on conversations)" if metadata.get("kind") == "chat" else "base model (stories)"
+    scores = [entry["val_bits_per_byte"] for entry in history
+              if isinstance(entry, dict) and "val_bits_per_byte" in entry]
+    args = metadata.get("args") if isinstance(metadata.get("args"), dict) else {}
+    chat = metadata.get("kind") == "chat"
+    what = ("A chat model: a base model trained from scratch on TinyStories, then fine-tuned on conversations "
+            "made from its stories (assistant-only loss)." if chat else
+            "A base model trained from scratch on TinyStories: it writes short stories.")
     remote = ", trust_remote_code=True" if architecture == "starcoder2_qk_norm" else ""
     lines = [
         "# A tinystories-transformer model", "",
-        f"A {kind} trained from scratch on TinyStories with tinystories-transformer, a decoder-only transformer "
-        "written out for learning. Exported by its `export_model.py`.", "",
+        f"{what} Made with tinystories-transformer, a decoder-only transformer written out for learning, and "
+        "exported by its `export_model.py`; the run's flags and history are in `config.json` (`tinystories_metadata`).",
+        "",
         f"- architecture: `{architecture}` in Hugging Face transformers"
-        + (" (Starcoder2 plus QK-norm: `starcoder2_qk_norm.py` in this folder, loaded as remote code)" if remote else ""),
+        + (" (Starcoder2 plus QK-norm from `starcoder2_qk_norm.py` in this folder, loaded as remote code)"
+           if remote else ""),
         f"- size: {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads, "
-        f"context {config.max_position_embeddings}, window {config.window_size or 'none'}, "
-        f"positions {config.position_embedding}, vocabulary {config.vocab_size} (byte-level BPE)",
-        f"- training steps: {metadata.get('step', 'unknown')}",
+        f"context {config.max_position_embeddings}, window {config.window_size or 'none'}, positions "
+        f"{config.position_embedding}, vocabulary {config.vocab_size} (byte-level BPE)",
+        f"- training: {metadata.get('step', 'unknown')} steps; "
+        + ", ".join(f"{flag} {args[flag]}" for flag in CARD_FLAGS if flag in args),
     ]
     if scores:
-        lines.append(f"- best validation bits per byte during training: {min(scores):.4f}")
-    lines += ["", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
-              f"model = AutoModelForCausalLM.from_pretrained(FOLDER{remote})",
-              "tokenizer = AutoTokenizer.from_pretrained(FOLDER)",
-              'print(pipeline("text-generation", model=model, tokenizer=tokenizer)("Once upon a time")[0]["generated_text"])',
-              "```", ""]
-    return "\n".join(lines)
+        lines.append(f"- best validation bits per byte during training: {min(scores):.4f} "
+                     + ("(on the replies of held-out conversations)" if chat else "(on held-out stories)"))
+    lines += ["", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline", "",
+              'folder = "path/to/this/folder"',
+              f"model = AutoModelForCausalLM.from_pretrained(folder{remote})",
+              "tokenizer = AutoTokenizer.from_pretrained(folder)",
+              'generator = pipeline("text-generation", model=model, tokenizer=tokenizer)',
+              'print(generator("Once upon a time", max_new_tokens=100)[0]["generated_text"])']
+    if chat:
+        lines += ['chat = [{"role": "user", "content": "Tell me a story about a cat."}]',
+                  "ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True, "
+                  'return_tensors="pt")["input_ids"]',
+                  "reply = model.generate(ids, max_new_tokens=200)[0, ids.shape[1]:]",
+                  "print(tokenizer.decode(reply, skip_special_tokens=True))"]
+    return "\n".join([*lines, "```", ""])
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
@@ -453,9 +498,7 @@ def save_hf_folder(model: nn.Module, tokenizer: BPETokenizer, folder: str | os.P
                                                      "do_sample": True, **(sampling or {})})
         save_hf_tokenizer(tokenizer, f"{tmp}/tokenizer.json")
         write_json(f"{tmp}/tokenizer_config.json", hf_tokenizer_config(tokenizer, model.config.max_position_embeddings))
-        write_json(f"{tmp}/special_tokens_map.json", {"eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT,
-                                                      "additional_special_tokens": [s for s in tokenizer.special_tokens
-                                                                                    if s != ENDOFTEXT]})
+        write_json(f"{tmp}/special_tokens_map.json", special_tokens_map(tokenizer))
         Path(f"{tmp}/README.md").write_text(model_card(model.config, architecture, metadata), encoding="utf-8")
         if architecture == "starcoder2_qk_norm":
             shutil.copyfile(Path(__file__).with_name("starcoder2_qk_norm.py"), f"{tmp}/starcoder2_qk_norm.py")
@@ -464,25 +507,49 @@ def save_hf_folder(model: nn.Module, tokenizer: BPETokenizer, folder: str | os.P
     return architecture
 
 
-def load_hf_folder(folder: str | os.PathLike) -> tuple[TransformerLM, BPETokenizer, dict]:
-    """(model, tokenizer, metadata) from a folder written by save_hf_folder; CheckpointError,
-    one line naming the folder, for anything else."""
-    from safetensors.torch import load_file
-
+def read_export_config(folder: str | os.PathLike) -> tuple[dict, TransformerConfig]:
+    """An exported folder's config.json and our config inside it; CheckpointError for any
+    folder that save_hf_folder did not write."""
     try:
         settings = json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))
-        config = TransformerConfig.from_dict(settings["tinystories_config"])
+        return settings, TransformerConfig.from_dict(settings["tinystories_config"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{folder}: not a model folder written by export_model.py (config.json: "
                               f"{type(err).__name__}: {err})") from None
-    model = TransformerLM(config)
+
+
+def read_export_weights(folder: str | os.PathLike, model: TransformerLM) -> None:
+    """Load model.safetensors into model, and check that every tensor is the one our model
+    exports, the fixed ones too (a position table, zero biases): a folder changed outside this
+    project would otherwise load as a different model without a word."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(folder, "model.safetensors")
     try:
-        model.load_state_dict(state_from_hf(model, load_file(Path(folder, "model.safetensors"))))
-    except (OSError, KeyError, RuntimeError) as err:  # safetensors reports a damaged file as OSError or its own error
-        raise CheckpointError(f"{folder}: model.safetensors does not hold this model's weights "
-                              f"({type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''})") from None
+        state = load_file(path)
+        model.load_state_dict(state_from_hf(model, state))
+    except (OSError, KeyError, RuntimeError, SafetensorError) as err:
+        reason = (str(err).strip().splitlines() or [""])[-1]
+        raise CheckpointError(f"{path}: does not hold this model's weights ({type(err).__name__}: {reason})") from None
+    dtype = next(iter(state.values())).dtype
+    for name, tensor in hf_state_dict(model, dtype).items():
+        same = state[name].shape == tensor.shape and torch.allclose(state[name].float(), tensor.float(), 1e-5, 1e-6)
+        if not same:
+            raise CheckpointError(f"{path}: {name} is not what this project's model exports (changed outside it?)")
+
+
+def load_hf_folder(folder: str | os.PathLike) -> tuple[TransformerLM, BPETokenizer, dict]:
+    """(model, tokenizer, metadata) from a folder written by save_hf_folder; CheckpointError,
+    one line naming the folder or file, for anything else."""
+    settings, config = read_export_config(folder)
+    model = TransformerLM(config)
+    read_export_weights(folder, model)
     try:
         tokenizer = tokenizer_from_hf_json(Path(folder, "tokenizer.json"))
     except TokenizerFileError as err:
         raise CheckpointError(str(err)) from None
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(f"{folder}: its tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                              f"is {config.vocab_size}")
     return model.eval(), tokenizer, settings.get("tinystories_metadata", {})

@@ -3,7 +3,7 @@
 No architecture in transformers matches a model trained with --qk_norm. Starcoder2 has all
 the rest (LayerNorm with bias, rotate-half RoPE, a GELU MLP with bias, tied embeddings, a
 sliding window) but does not normalise queries and keys. This file adds that, and
-export_model.py copies it into every exported folder of a QK-norm model, so that
+hf_interop.save_hf_folder copies it into every exported folder of a QK-norm model, so that
 
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
@@ -17,6 +17,8 @@ rotates pairs of channels, which keeps a head's RMS, the order would not matter 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from transformers import Starcoder2Config, Starcoder2ForCausalLM
@@ -28,7 +30,7 @@ class Starcoder2QKNormConfig(Starcoder2Config):
     model_type = "starcoder2_qk_norm"
 
 
-def normalise_heads(head_dim: int):
+def normalise_heads(head_dim: int) -> Callable[[torch.nn.Module, tuple, torch.Tensor], torch.Tensor]:
     """A forward hook for a projection to heads: (..., heads * head_dim) -> the same, each
     head's head_dim channels scaled to unit RMS (eps None: the dtype's own, as in training)."""
 

@@ -14,7 +14,7 @@ from hf_interop import ExportError, save_hf_folder, to_hf_model, tokenizer_from_
 from test_bad_inputs import assert_one_error_line, run_cli
 from test_bpe_tokenizer import TRICKY_TEXTS
 from test_transformer_model import VOCAB, random_ids, switched_model, tiny_model, tokenizer_of_size
-from transformer_model import load_checkpoint, save_checkpoint
+from transformer_model import CheckpointError, load_checkpoint, save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -102,15 +102,17 @@ def test_autotokenizer_on_the_folder_gives_our_ids_and_our_chat_template(tmp_pat
     for text in texts:
         assert hf.encode(text) == released_tokenizer.encode(text), text
         assert hf.decode(released_tokenizer.encode(text)) == text
-    conversation = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "A story about a cat, please."},
+    conversation = [{"role": "system", "content": "Be kind."},
+                    {"role": "user", "content": "A story about a cat, please."},
                     {"role": "assistant", "content": "Once upon a time, a cat sat."},
                     {"role": "user", "content": "Again, with a dog named Max!"}]
     for add_generation_prompt in (False, True):
         ours = released_tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
         theirs = hf.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=True)
         assert list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == ours
-    assert hf.eos_token == "<|endoftext|>" and tokenizer_from_hf_json(tmp_path / "export" / "tokenizer.json").fingerprint() \
-        == released_tokenizer.fingerprint()
+    assert hf.eos_token == "<|endoftext|>"
+    read_back = tokenizer_from_hf_json(tmp_path / "export" / "tokenizer.json")
+    assert read_back.fingerprint() == released_tokenizer.fingerprint()
 
 
 @pytest.mark.parametrize("config, words", [
@@ -124,6 +126,33 @@ def test_a_model_with_no_exact_twin_is_refused_by_field_and_nothing_is_written(c
     with pytest.raises(ExportError, match=words.replace("(", r"\(")):
         save_hf_folder(tiny_model(**config), tokenizer, tmp_path / "export")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_changed_outside_the_project_or_damaged_is_refused_in_one_line(tmp_path, tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = exported(tmp_path, tokenizer, position_embedding="sinusoidal")
+    state = load_file(folder / "model.safetensors")
+    state["transformer.wpe.weight"][3, 0] += 1.0  # the fixed position table, trained elsewhere
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="transformer.wpe.weight is not what this project's model exports"):
+        load_checkpoint(folder)
+    (folder / "model.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(CheckpointError, match="model.safetensors: does not hold this model's weights"):
+        load_checkpoint(folder)
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="not a model folder written by export_model.py"):
+        load_checkpoint(folder)
+
+
+def test_replacing_an_export_keeps_nothing_of_the_old_one_and_no_temporary_folder(tmp_path, tokenizer):
+    first, folder = exported(tmp_path, tokenizer, position_embedding="rope")
+    with pytest.raises(OSError, match="already exists"):
+        save_hf_folder(first, tokenizer, folder)
+    second = switched_model(position_embedding="learned")
+    save_hf_folder(second, tokenizer, folder, overwrite=True)
+    assert load_checkpoint(folder)[0].config == second.config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
 # ---------------------------------------------------------------------------- GGUF
@@ -155,12 +184,36 @@ def test_gguf_file_holds_the_starcoder2_tensors_and_metadata(tmp_path, released_
 def test_gguf_file_of_a_gpt2_shaped_model_stores_linear_weights_as_out_by_in(tmp_path, released_tokenizer):
     from gguf_export import save_gguf
 
-    model = switched_model(vocab_size=released_tokenizer.vocab_size, position_embedding="learned", activation="gelu_tanh")
+    model = switched_model(vocab_size=released_tokenizer.vocab_size, position_embedding="learned",
+                           activation="gelu_tanh")
     assert save_gguf(model, released_tokenizer, tmp_path / "m.gguf") == "gpt2"
     tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
     fc1 = model.blocks[0].feed_forward.fc1.weight.detach().numpy()  # (64, 32)
     assert (tensors["blk.0.ffn_up.weight"].data.reshape(fc1.shape) == fc1).all()
     assert "position_embd.weight" in tensors
+
+
+LLAMA_CPP_LAYER_TENSORS = {  # what llama.cpp's loaders require of every block
+    "starcoder2": ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_up", "ffn_down"],
+    "gpt2": ["attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down"],
+}
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_gguf_of_a_model_without_biases_or_tied_head_has_every_tensor_llama_cpp_requires(positions, tmp_path,
+                                                                                         released_tokenizer):
+    from gguf_export import save_gguf
+
+    model = switched_model(vocab_size=released_tokenizer.vocab_size, position_embedding=positions, bias=False,
+                           tie_word_embeddings=False, activation="gelu_tanh")
+    architecture = save_gguf(model, released_tokenizer, tmp_path / "m.gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    expected = {"token_embd.weight", "output_norm.weight", "output_norm.bias", "output.weight"}
+    expected |= {f"blk.{i}.{name}.{kind}" for i in range(2) for name in LLAMA_CPP_LAYER_TENSORS[architecture]
+                 for kind in ("weight", "bias")}
+    expected |= {"position_embd.weight"} if positions == "learned" else set()
+    assert set(tensors) == expected
+    assert not tensors["blk.0.ffn_up.bias"].data.any()  # the biases this model lacks are zeros
 
 
 @pytest.mark.parametrize("config, words", [
@@ -199,8 +252,12 @@ def test_export_script_writes_a_folder_that_every_script_takes(tmp_path, tiny_ch
 
 def test_export_script_refuses_an_existing_output_and_a_refused_model_in_one_line(tmp_path, tiny_checkpoint):
     (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
     assert_one_error_line(run_cli("export_model.py", "--model_path", str(tiny_checkpoint), "--output",
                                   str(tmp_path / "hf")), 2, "--overwrite")
+    assert_one_error_line(run_cli("export_model.py", "--model_path", str(tiny_checkpoint), "--output",
+                                  str(tmp_path / "hf"), "--overwrite"), 2, "never replaced")
+    assert (tmp_path / "hf" / "notes.txt").read_text() == "mine"
     assert_one_error_line(run_cli("export_model.py", "--model_path", str(tiny_checkpoint), "--format", "gguf",
                                   "--output", str(tmp_path / "m.gguf")), 1, "qk_norm=True")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
