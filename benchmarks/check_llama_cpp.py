@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,9 +26,15 @@ import numpy as np
 import torch
 
 from bench_utils import REPO, machine_line
+from bpe_tokenizer import BPETokenizer
 from decoding import generate
-from gguf_export import save_gguf
+from gguf_export import gguf_context, save_gguf
 from transformer_model import TransformerLM, load_checkpoint
+
+try:
+    import llama_cpp
+except ImportError:
+    llama_cpp = None
 
 MODELS = ["tinystories_chat.pth", "ablation_pos_learned.pth"]
 VALID = REPO.parent / "shared" / "data" / "tinystories_valid.txt"
@@ -45,7 +52,7 @@ def our_log_probs(model: TransformerLM, ids: list[int]) -> np.ndarray:
         return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1).numpy()
 
 
-def llama_log_probs(llm, ids: list[int]) -> np.ndarray:
+def llama_log_probs(llm: llama_cpp.Llama, ids: list[int]) -> np.ndarray:
     llm.reset()
     llm.eval(ids)
     shifted = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
@@ -53,7 +60,7 @@ def llama_log_probs(llm, ids: list[int]) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-def compare(name: str, llm, model: TransformerLM, tokenizer, context: int) -> None:
+def compare(name: str, llm: llama_cpp.Llama, model: TransformerLM, tokenizer: BPETokenizer, context: int) -> None:
     stories = [s.strip() for s in VALID.read_text(encoding="utf-8").split("<|endoftext|>") if s.strip()][:200]
     same_ids = sum(llm.tokenize(s.encode(), add_bos=False, special=False) == tokenizer.encode(s, allowed_special="none")
                    for s in stories)
@@ -81,16 +88,16 @@ def compare(name: str, llm, model: TransformerLM, tokenizer, context: int) -> No
 
 
 def main() -> None:
-    from llama_cpp import Llama, __version__
-
-    print(machine_line(), f"llama-cpp-python {__version__}")
+    if llama_cpp is None:
+        sys.exit("error: this check needs llama-cpp-python: pip install llama-cpp-python (it builds llama.cpp)")
+    print(machine_line(), f"llama-cpp-python {llama_cpp.__version__}")
     for file in MODELS:
         model, tokenizer, _ = load_checkpoint(REPO / "pretrained" / file, device="cpu")
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model.gguf"
             architecture = save_gguf(model, tokenizer, path, allow_gelu_approx=True)
-            context = min(model.config.max_position_embeddings, model.config.window_size or 10**9)
-            llm = Llama(model_path=str(path), n_ctx=context, logits_all=True, verbose=False, n_threads=2)
+            context = gguf_context(model.config)
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, logits_all=True, verbose=False, n_threads=2)
             compare(f"{file} ({architecture})", llm, model, tokenizer, context)
 
 

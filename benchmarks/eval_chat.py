@@ -4,6 +4,7 @@
     python benchmarks/eval_chat.py --chat pretrained/tinystories_chat.pth tinystories_chat_model/best_model.pth
     python benchmarks/eval_chat.py --per_kind 20 --json out.json     # a quick look, kept as JSON
     python benchmarks/eval_chat.py --forced 50    # and forced words (constrained beam search), apart
+    python benchmarks/eval_chat.py --words_line pretrained/tinystories_base.pth tinystories_model/best_model.pth
 
 For each model (the base, then each --chat model: "chat", or "chat 1", "chat 2", ...):
 request-following per request type (request_following.follow_rates) on requests made from the
@@ -82,6 +83,25 @@ def evaluate(path: str, stories: list[str], args: argparse.Namespace) -> dict:
     return result
 
 
+def words_line_only(paths: list[str], stories: list[str], args: argparse.Namespace) -> dict:
+    """The words-line row alone for each model: does a base model pretrained with
+    --words_lines write the words it is given in front of a story?"""
+    results = {}
+    for path in paths:
+        model, tokenizer, _ = load_checkpoint(path, device="cpu")
+        use_few_row_linear(model)
+        results[path] = words_line_rates(model, tokenizer, stories, args.per_kind, args.seed,
+                                         args.max_new_tokens)["words line"]
+    print(f"Words lines at the chat REPL's sampling {CHAT_SAMPLING}, up to {args.max_new_tokens} new tokens; "
+          f"{machine_line()}\n\n| model | requests | followed | control |\n| --- | ---: | ---: | ---: |")
+    for path, rate in results.items():
+        print(f"| {path} | {rate['requests']} | {rate['followed']:.0%} | {rate['control']:.0%} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
 def table(results: dict[str, dict]) -> str:
     """One row per request type, a followed and a control column per model; the loss last."""
     names = list(results)
@@ -112,10 +132,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--block_size", type=int, default=512)
     parser.add_argument("--max_new_tokens", type=int, default=CHAT_MAX_NEW_TOKENS)
     parser.add_argument("--forced", type=int, default=0, help="also try forced words on this many word requests")
+    parser.add_argument("--words_line", nargs="+", metavar="MODEL",
+                        help="only the words-line row, for these (base) models, in place of everything else")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     stories = load_stories(args.data, "validation")
+    if args.words_line:
+        return words_line_only(args.words_line, stories, args)
     chats = {"chat": args.chat[0]} if len(args.chat) == 1 else {f"chat {i}": p for i, p in enumerate(args.chat, 1)}
     results = {name: evaluate(path, stories, args) for name, path in {"base": args.base, **chats}.items()}
     print(f"Request-following at the chat REPL's sampling {CHAT_SAMPLING}, up to {args.max_new_tokens} new tokens, "
@@ -129,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{forced['held']:.0%} of {forced['requests']} replies hold all three as words; "
                   f"median {forced['median_seconds']:.1f} s a reply")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1))
     return results
 

@@ -35,3 +35,18 @@ def test_a_table_per_request_type_for_every_model_and_forced_words_apart(tmp_pat
     assert results["chat 2"]["rates"] == results["base"]["rates"]  # the same model, the same seeded replies
     assert results["base"]["forced"]["requests"] == 2 and "hold all three as words" in printed
     assert json.loads((tmp_path / "out.json").read_text())["chat 1"]["loss"]["val_loss"] > 0
+
+
+def test_words_line_alone_gives_one_row_per_model_and_the_same_rates_as_the_full_table(tmp_path, capsys):
+    rng = random.Random(0)
+    (tmp_path / "stories_valid.txt").write_text("".join(distinct_story(rng) + "\n<|endoftext|>\n" for _ in range(30)))
+    tokenizer = story_tokenizer(320)
+    model = tiny_model(vocab_size=tokenizer.vocab_size, position_embedding="rope", window_size=16, initializer_range=0.3)
+    save_checkpoint(tmp_path / "base.pth", model, tokenizer)
+    flags = ["--data", str(tmp_path), "--per_kind", "2", "--max_new_tokens", "30"]
+    alone = eval_chat.main(["--words_line", str(tmp_path / "base.pth"), *flags])
+    printed = capsys.readouterr().out
+    assert printed.count(f"| {tmp_path / 'base.pth'} | 2 |") == 1 and "| request |" not in printed
+    full = eval_chat.main(["--base", str(tmp_path / "base.pth"), "--chat", str(tmp_path / "base.pth"), *flags,
+                           "--block_size", "64"])
+    assert alone[str(tmp_path / "base.pth")] == full["base"]["rates"]["words line"]
