@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from bpe_tokenizer import ENDOFTEXT, BPETokenizer, TokenizerFileError, bytes_to_text, read_text_file, text_to_bytes
 from common import write_atomically, write_folder_atomically
-from transformer_model import CheckpointError, TransformerConfig, TransformerLM, unwrap_model
+from transformer_model import RELEASED_METADATA, CheckpointError, TransformerConfig, TransformerLM, unwrap_model
 
 # ----------------------------------------------------------------------- tokenizer
 
@@ -418,7 +418,7 @@ def to_hf_model(model: nn.Module, eos_token_id: int | None = None) -> nn.Module:
 def plain_metadata(metadata: dict) -> dict:
     """The parts of a checkpoint's metadata worth keeping in an export, as JSON values; an
     absolute path among the run's flags keeps only its last part (the folder may be published)."""
-    keep = {key: metadata[key] for key in ("kind", "step", "args", "history") if key in metadata}
+    keep = {key: metadata[key] for key in RELEASED_METADATA if key in metadata}
     if isinstance(keep.get("args"), dict):
         keep["args"] = {k: os.path.basename(v) if isinstance(v, str) and os.path.isabs(v) else v
                         for k, v in keep["args"].items()}

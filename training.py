@@ -59,6 +59,7 @@ from processes import Distributed, EpochBatches, setup_distributed
 from speedups import use_chunked_loss
 from tinystories_data import DataError
 from transformer_model import (
+    RELEASED_METADATA,
     LMHead,
     TransformerLM,
     estimate_flops_per_token,
@@ -256,7 +257,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 def release(source: str | os.PathLike, destination: str | os.PathLike) -> None:
     """Copy a checkpoint as a released model: weights in float16, no optimizer state."""
     model, tokenizer, metadata = load_checkpoint(source, device="cpu")
-    keep = {key: metadata[key] for key in ("kind", "history", "step", "args") if key in metadata}
+    keep = {key: metadata[key] for key in RELEASED_METADATA if key in metadata}
     Path(destination).parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(destination, model, tokenizer, weights_dtype=torch.float16, **keep)
 

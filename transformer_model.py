@@ -641,6 +641,8 @@ class TransformerLM(nn.Module):
 
 CHECKPOINT_FORMAT = "tinystories-transformer/checkpoint"
 CHECKPOINT_VERSION = 1
+# What a released or exported model keeps of a checkpoint's metadata (no optimizer state).
+RELEASED_METADATA = ("kind", "history", "step", "args")
 
 
 class CheckpointError(ValueError):

@@ -1,17 +1,18 @@
 """Does llama.cpp run our GGUF exports as we do? (Not part of CI: it needs llama-cpp-python,
 which builds llama.cpp from source: `pip install llama-cpp-python`, about 15 minutes on 2 cores.)
 
-    python benchmarks/check_llama_cpp.py
+    python benchmarks/check_llama_cpp.py [CHECKPOINT ...]
 
-For the released chat model (StarCoder2 in llama.cpp) and the small learned-position model
-from the ablations (GPT-2), this exports a GGUF file, loads it in llama.cpp, and compares:
+For each checkpoint (default: the small learned-position model from the ablations, GPT-2 in
+llama.cpp; a RoPE model without QK-norm goes to StarCoder2), this exports a GGUF file, loads it
+in llama.cpp, and compares:
 - the tokenizer: llama.cpp's ids against ours on validation stories;
 - each token's log-probability over a validation story (the exported context), against ours;
 - 100 greedy tokens after "Once upon a time".
-Both models were trained with exact GELU and llama.cpp computes the tanh form, so each
-comparison is made twice: against our model as trained, and against the same weights with
-gelu_tanh, which is what llama.cpp is meant to compute. The QK-norm base model cannot go to
-GGUF (export_model.py says why) and is not checked.
+A model trained with exact GELU is exported with --allow_gelu_approx, since llama.cpp computes
+the tanh form, so each comparison is made twice: against our model as trained, and against the
+same weights with gelu_tanh, which is what llama.cpp is meant to compute. The released base and
+chat models have QK-norm, which llama.cpp lacks: they cannot go to GGUF (export_model.py says why).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ try:
 except ImportError:
     llama_cpp = None
 
-MODELS = ["tinystories_chat.pth", "ablation_pos_learned.pth"]
+DEFAULT_MODELS = [str(REPO / "pretrained" / "ablation_pos_learned.pth")]
 VALID = REPO.parent / "shared" / "data" / "tinystories_valid.txt"
 
 
@@ -91,14 +92,14 @@ def main() -> None:
     if llama_cpp is None:
         sys.exit("error: this check needs llama-cpp-python: pip install llama-cpp-python (it builds llama.cpp)")
     print(machine_line(), f"llama-cpp-python {llama_cpp.__version__}")
-    for file in MODELS:
-        model, tokenizer, _ = load_checkpoint(REPO / "pretrained" / file, device="cpu")
+    for file in sys.argv[1:] or DEFAULT_MODELS:
+        model, tokenizer, _ = load_checkpoint(file, device="cpu")
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model.gguf"
             architecture = save_gguf(model, tokenizer, path, allow_gelu_approx=True)
             context = gguf_context(model.config)
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, logits_all=True, verbose=False, n_threads=2)
-            compare(f"{file} ({architecture})", llm, model, tokenizer, context)
+            compare(f"{Path(file).name} ({architecture})", llm, model, tokenizer, context)
 
 
 if __name__ == "__main__":

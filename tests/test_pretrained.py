@@ -1,9 +1,9 @@
 """The released checkpoints load into today's model unchanged: the same state-dict keys (the
 load is strict) and the same next-token predictions as the code that trained them. The
-expected values were computed with that code on the prompt below: for the chat and ablation
-models, commit 52c8890 (before the redesign of issue 15); for the base model, the code of its
-release (issues 16 and 17, calibrated: its temperature is folded into the weights, so its
-logits are smaller than an uncalibrated model's)."""
+expected values were computed with that code on the prompt below: for the ablation model,
+commit 52c8890 (before the redesign of issue 15); for the base and chat models, the code of
+their release (issues 16 and 17; the base model is calibrated: its temperature is folded into
+the weights, so its logits are smaller than an uncalibrated model's)."""
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ from transformer_model import load_checkpoint
 PROMPT = "Once upon a time there was a little girl named Lily. She"
 EXPECTED = {  # the argmax at every position, and the largest logit at the last one
     "tinystories_base": ([440, 258, 394, 44, 279, 258, 386, 441, 488, 1254, 46, 315, 507], 13.2356),
-    "tinystories_chat": ([440, 258, 394, 44, 279, 258, 386, 441, 488, 376, 46, 315, 507], 14.1517),
+    "tinystories_chat": ([440, 258, 394, 44, 279, 258, 386, 441, 488, 376, 46, 315, 507], 14.682),
     "ablation_pos_learned": ([439, 258, 393, 44, 279, 258, 385, 441, 487, 378, 46, 315, 503], 9.0913),
 }
 
