@@ -497,7 +497,8 @@ def test_bad_flags_are_refused_by_the_parser(corpus, tmp_path, capsys, extra, me
 def start_a_long_run(corpus, output, preexec_fn=default_ctrl_c) -> subprocess.Popen:
     """The training script on a run far too long to finish, returned a few steps in."""
     process = subprocess.Popen([sys.executable, str(REPO / "train_tinystories_model.py"),
-                                *train_args(corpus, output, "--max_steps", "100000", "--eval_interval", "50")],
+                                *train_args(corpus, output, "--max_steps", "100000", "--num_epochs", "100000",
+                                            "--eval_interval", "50")],  # epochs too: a fast machine ends 10 in seconds
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
     deadline = time.time() + 120
     while not (output / "config.json").exists() and time.time() < deadline:
