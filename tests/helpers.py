@@ -26,11 +26,12 @@ def record_sample_prompts(monkeypatch) -> list[list[int]]:
     return prompts
 
 
-def default_ctrl_c() -> None:
-    """preexec_fn for a child process that a test interrupts: give it Ctrl-C's default action,
-    even when the suite runs as a background job (a shell starts those with SIGINT ignored,
-    and children inherit that)."""
+def default_stop_signals() -> None:
+    """preexec_fn for a child process that a test interrupts: give it Ctrl-C's and a hang-up's
+    default actions, even when the suite runs as a background job or under nohup (a shell
+    starts those with SIGINT, and nohup with SIGHUP, ignored, and children inherit that)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def endless_model(tokenizer: BPETokenizer) -> TransformerLM:

@@ -16,7 +16,14 @@ import train_tinystories_chat_model
 import training
 from bpe_tokenizer import BPETokenizer
 from conftest import REPO
-from helpers import default_ctrl_c, endless_model, record_sample_prompts, story, story_tokenizer, write_story_corpus
+from helpers import (
+    default_stop_signals,
+    endless_model,
+    record_sample_prompts,
+    story,
+    story_tokenizer,
+    write_story_corpus,
+)
 from test_train_tinystories_model import TINY_MODEL
 from tinystories_data import (
     ChatExamples,
@@ -416,7 +423,7 @@ def test_the_repl_in_a_terminal_with_commands_ctrl_c_and_ctrl_d(endless_checkpoi
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(sys.executable, [str(REPO / "chat_with_tinystories_model.py"), "--model_path",
                                            str(endless_checkpoint), "--max_new_tokens", "30", "--seed", "1"],
-                          encoding="utf-8", timeout=60, preexec_fn=default_ctrl_c)
+                          encoding="utf-8", timeout=60, preexec_fn=default_stop_signals)
     child.expect("/help lists the commands")
     child.expect("> ")
     child.sendline("Tell me a story about Tom.")

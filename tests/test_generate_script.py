@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import REPO
-from helpers import default_ctrl_c, endless_model
+from helpers import default_stop_signals, endless_model
 from test_transformer_model import VOCAB, tiny_model, tokenizer_of_size
 from transformer_model import save_checkpoint
 
@@ -107,7 +107,7 @@ def test_ctrl_c_while_streaming_stops_cleanly(tmp_path):
     save_checkpoint(tmp_path / "endless.pth", endless_model(tokenizer), tokenizer)
     process = subprocess.Popen([sys.executable, str(SCRIPT), "--model_path", str(tmp_path / "endless.pth"), "--prompt", "abc",
                                 "--max_new_tokens", "100000", "--stream"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_ctrl_c)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_stop_signals)
     process.stdout.read(20)  # it is writing
     time.sleep(0.2)
     process.send_signal(signal.SIGINT)

@@ -17,7 +17,7 @@ import tinystories_data
 import training
 from bpe_tokenizer import BPETokenizer
 from conftest import REPO
-from helpers import default_ctrl_c, record_sample_prompts, story, story_tokenizer, write_story_corpus
+from helpers import default_stop_signals, record_sample_prompts, story, story_tokenizer, write_story_corpus
 from processes import EpochBatches
 from speedups import ChunkedLossLMHead
 from tinystories_data import TokenWindows, hold_out, load_stories, load_train_and_validation
@@ -494,11 +494,10 @@ def test_bad_flags_are_refused_by_the_parser(corpus, tmp_path, capsys, extra, me
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def start_a_long_run(corpus, output, preexec_fn=default_ctrl_c) -> subprocess.Popen:
+def start_a_long_run(corpus, output, preexec_fn=default_stop_signals) -> subprocess.Popen:
     """The training script on a run far too long to finish, returned a few steps in."""
     process = subprocess.Popen([sys.executable, str(REPO / "train_tinystories_model.py"),
-                                *train_args(corpus, output, "--max_steps", "100000", "--num_epochs", "100000",
-                                            "--eval_interval", "50")],  # epochs too: a fast machine ends 10 in seconds
+                                *train_args(corpus, output, "--max_steps", "100000", "--eval_interval", "50")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
     deadline = time.time() + 120
     while not (output / "config.json").exists() and time.time() < deadline:
@@ -521,7 +520,7 @@ def test_the_same_signal_again_at_once_is_its_echo_and_any_other_quits_without_s
 
 def test_under_nohup_a_closed_terminal_does_not_stop_the_run(corpus, tmp_path):
     def like_nohup():
-        default_ctrl_c()
+        default_stop_signals()
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     process = start_a_long_run(corpus, tmp_path / "run", preexec_fn=like_nohup)
