@@ -2,16 +2,21 @@
 pretraining reads, and conversations for chat fine-tuning.
 
 The file, top to bottom:
-- readers: read_story_file (.txt), local files and folders, the Hugging Face hub;
-- load_split and load_stories(dataset, split, text_column, sample, seed) -> list[str];
-- hold_out: a seeded random held-out share (validation, or text a tokenizer has not seen);
-  validation_stories: a quick validation set for the notebooks;
-- token streams: encode_stories turns stories into one token stream, cached_tokens keeps it on
-  disk so it is encoded once, TokenWindows cuts it into (inputs, targets) windows;
+- readers: read_story_file (.txt, in blocks), with_progress (a bar in MB and stories), local
+  files and folders, the Hugging Face hub;
+- loading: load_split; StorySource, one split's stories streamed (every pass reads the source
+  afresh, in bounded memory, the whole TinyStories included), with seeded samples and a
+  counting pass (story_sizes); load_stories, the same stories as a list for data that fits;
+- held-out shares: held_out_indices (one seeded draw), hold_out for lists, split_stream for
+  streams; validation_stories: a quick validation set for the notebooks;
+- token streams: encoded_stories turns a stream of stories into token arrays on all cores,
+  encode_stories into one array, cached_tokens writes them to disk as they come (uint16
+  .bin files) so a corpus is encoded once, TokenWindows cuts a stream into (inputs, targets);
 - what a story holds: story_sentences, story_names, story_words; words_line and
   add_words_lines (TinyStoriesInstruct's "Words:" metadata in front of pretraining stories);
-- pretraining data: load_train_and_validation and prepare_pretraining_data (training,
-  validation and calibration windows, cached);
+- pretraining data: load_train_and_validation (streams of the training, validation and
+  calibration stories; StoriesOfRole picks a held-out share from a source) and
+  prepare_pretraining_data (their windows, cached);
 - conversations: load_conversations (a "messages" column, or TinyStoriesInstruct text);
   requests made from a story (REQUEST_MAKERS: words_request, name_request,
   continuation_request), conversations_from_stories, fit_conversation; ChatExamples (rows
@@ -28,7 +33,8 @@ The file, top to bottom:
 - a folder written by datasets' save_to_disk (a Dataset, or a DatasetDict of splits).
 A single file is one split, "train".
 
-Everything goes through `datasets`, so one seeded sample serves every source.
+Text files are streamed here; everything else goes through `datasets` (Arrow tables on
+disk, read in batches). A seeded sample is the same draw from either (datasets' shuffle).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import os
 import random
 import socket
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse
@@ -51,7 +57,7 @@ import regex
 import torch
 from tqdm.auto import tqdm
 
-from bpe_tokenizer import CHAT_ROLES, ENDOFTEXT, BPETokenizer
+from bpe_tokenizer import CHAT_ROLES, ENDOFTEXT, BPETokenizer, batched_texts
 from common import write_atomically
 
 DEFAULT_DATASET = "roneneldan/TinyStories"
@@ -76,18 +82,48 @@ class SplitNotFoundError(DataError):
     """The data set exists but has no such split (callers may fall back to a held-out share)."""
 
 
-def read_story_file(path: str | os.PathLike) -> Iterator[str]:
-    """Stream the stories of a text file, cut at every <|endoftext|>, one line at a time."""
-    story: list[str] = []
+def read_story_file(path: str | os.PathLike, block_chars: int = 1 << 22) -> Iterator[str]:
+    """Stream the stories of a text file, cut at every <|endoftext|>. The file is read in
+    blocks of block_chars characters, so a file of any size takes bounded memory."""
+    pieces: list[str] = []  # the text since the last separator
+    tail = ""  # its last characters: a separator may straddle blocks
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            *finished, rest = line.split(ENDOFTEXT)
-            for part in finished:
-                story.append(part)
-                yield "".join(story)
-                story = []
-            story.append(rest)
-    yield "".join(story)
+        while block := f.read(block_chars):
+            window = tail + block
+            if ENDOFTEXT not in window:
+                pieces.append(block)
+                tail = window[1 - len(ENDOFTEXT):]
+                continue
+            *finished, rest = "".join([*pieces, block]).split(ENDOFTEXT)
+            yield from finished
+            pieces, tail = [rest], rest[1 - len(ENDOFTEXT):]
+    yield "".join(pieces)
+
+
+def utf8_size(text: str) -> int:
+    """The length of text in UTF-8 bytes (without encoding it when it is ASCII)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def with_progress(stories: Iterable[str], desc: str, total_bytes: int | None = None) -> Iterator[str]:
+    """stories, passed through unchanged, while a tqdm bar counts them in MB and in stories,
+    with an ETA when total_bytes is known (an estimate is fine: the bar ends at 100%)."""
+    bar = tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, delay=1.0)
+    count = pending = 0
+    try:
+        for story in stories:
+            yield story
+            count += 1
+            pending += utf8_size(story)
+            if count % 2048 == 0:
+                bar.set_postfix_str(f"{count:,} stories", refresh=False)
+                bar.update(pending)
+                pending = 0
+        bar.total = bar.n + pending
+        bar.set_postfix_str(f"{count:,} stories", refresh=False)
+        bar.update(pending)
+    finally:
+        bar.close()
 
 
 # --------------------------------------------------------------------------- local
@@ -141,9 +177,12 @@ def _load_saved(path: Path, split: str) -> datasets.Dataset:
     return saved
 
 
-def _load_local(path: Path, split: str) -> datasets.Dataset:
-    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-        return _load_saved(path, split)
+def _is_saved_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists())
+
+
+def _local_split_files(path: Path, split: str) -> list[Path]:
+    """The data files that form one split of a local file or folder (not a save_to_disk one)."""
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in DATA_FILE_BUILDERS)
         if not files:
@@ -157,12 +196,18 @@ def _load_local(path: Path, split: str) -> datasets.Dataset:
         if wanted not in by_split:
             named = sorted(s for s in by_split if s)
             raise SplitNotFoundError(f"{path}: no {split!r} split (file names give: {named})")
-        return _load_files(by_split[wanted], str(path))
+        return by_split[wanted]
     if path.suffix.lower() not in DATA_FILE_BUILDERS:
         raise DataError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(DATA_FILE_BUILDERS)}")
     if _canonical_split(split) != "train":
         raise SplitNotFoundError(f"{path}: a single file is one split ('train'), so it has no {split!r} split")
-    return _load_files([path], str(path))
+    return [path]
+
+
+def _load_local(path: Path, split: str) -> datasets.Dataset:
+    if _is_saved_folder(path):
+        return _load_saved(path, split)
+    return _load_files(_local_split_files(path, split), str(path))
 
 
 # ----------------------------------------------------------------------------- hub
@@ -211,23 +256,122 @@ def load_split(dataset: str, split: str = "train") -> datasets.Dataset:
     return _load_from_hub(dataset, split)
 
 
+class StorySource:
+    """The stories of one split, streamed: every pass reads them afresh, in blocks of a text
+    file or in batches of an Arrow table, and never holds them all (the whole TinyStories is
+    1.9 GB of text, about 20 GB as Python strings).
+
+    Stories are stripped of surrounding whitespace and empty ones dropped. sample > 0 draws
+    that many rows at random, seeded, as datasets' shuffle(seed).select(range(sample)) does
+    (np.random.default_rng(seed).permutation), whatever the source; only the sample is held.
+
+        >>> source = StorySource("../shared/data/tinystories_train.txt")
+        >>> sizes = source.story_sizes()     # one counting pass: 2,983 stories, 2.6 MB
+        >>> next(iter(source))[:31]
+        'One day, a little girl named Li'
+    """
+
+    BATCH_ROWS = 1000  # rows per Arrow batch
+
+    def __init__(self, dataset: str = DEFAULT_DATASET, split: str = "train", text_column: str = "text",
+                 sample: int = 0, seed: int = 0):
+        self.dataset, self.split, self.text_column, self.sample, self.seed = dataset, split, text_column, sample, seed
+        self.text_files, self.table = self._resolve()
+        if self.table is not None and text_column not in self.table.column_names:
+            raise DataError(f"{dataset}: no column {text_column!r} (columns: {self.table.column_names}); pass --text_column")
+        if self.text_files and text_column != "text":
+            raise DataError(f"{dataset}: no column {text_column!r} (columns: ['text']); pass --text_column")
+        if self.table is not None and sample and sample < len(self.table):
+            self.table = self.table.shuffle(seed=seed).select(range(sample))
+        self._sampled: list[str] | None = None
+        self._sizes: np.ndarray | None = None
+
+    def _resolve(self) -> tuple[list[Path], datasets.Dataset | None]:
+        """(.txt files to stream, None), or ([], the Arrow table of any other source)."""
+        path = Path(self.dataset).expanduser()
+        if path.exists() and not _is_saved_folder(path):
+            files = _local_split_files(path, self.split)
+            if all(f.suffix.lower() == ".txt" for f in files):
+                return files, None
+        return [], load_split(self.dataset, self.split)
+
+    def _rows(self) -> Iterator:
+        """Every raw row, in order: the pieces of the text files, or the table's column."""
+        if self.text_files:
+            try:
+                for file in self.text_files:
+                    yield from read_story_file(file)
+            except UnicodeDecodeError as err:
+                raise DataError(f"{self.dataset}: not UTF-8 text ({err})") from None
+            return
+        for batch in self.table.select_columns([self.text_column]).iter(batch_size=self.BATCH_ROWS):
+            yield from batch[self.text_column]
+
+    def _sampled_rows(self) -> list:
+        """The sample of a text source: the seeded permutation's first rows, in its order
+        (two passes: one to count the rows, one to pick them); all rows when there are fewer."""
+        if self._sampled is None:
+            size = sum(f.stat().st_size for f in self.text_files)
+            rows = sum(1 for _ in with_progress(self._rows(), "counting rows to sample from", size))
+            shuffled = np.random.default_rng(self.seed).permutation(rows) if self.sample < rows else range(rows)
+            order = shuffled[:self.sample]
+            position = {int(row): i for i, row in enumerate(order)}
+            picked: list = [None] * len(order)
+            for row, text in enumerate(with_progress(self._rows(), f"drawing {len(order):,} stories", size)):
+                if row in position:
+                    picked[position[row]] = text
+            self._sampled = picked
+        return self._sampled
+
+    def __iter__(self) -> Iterator[str]:
+        rows = self._sampled_rows() if self.text_files and self.sample else self._rows()
+        return (text.strip() for text in rows if isinstance(text, str) and text.strip())
+
+    def story_sizes(self) -> np.ndarray:
+        """The UTF-8 size in bytes of every story, in order (len() of it counts the stories):
+        one pass over the source, with a progress bar, done once."""
+        if self._sizes is None:
+            stories = with_progress(self, f"counting {self.split} stories", self.total_bytes)
+            self._sizes = np.fromiter(map(utf8_size, stories), dtype=np.int64)
+            if not len(self._sizes):
+                raise DataError(f"{self.dataset}: no stories in split {self.split!r}, column {self.text_column!r} "
+                                "(all empty)")
+        return self._sizes
+
+    @property
+    def total_bytes(self) -> int:
+        """The size of the stories in bytes: exact once counted, else the files' or table's size."""
+        if self._sizes is not None:
+            return int(self._sizes.sum())
+        if self.text_files:
+            return sum(f.stat().st_size for f in self.text_files)
+        return self.table.data.nbytes * len(self.table) // max(1, len(self.table.data))
+
+
 def load_stories(
     dataset: str = DEFAULT_DATASET, split: str = "train", text_column: str = "text", sample: int = 0, seed: int = 0
 ) -> list[str]:
-    """The stories of one split, stripped of surrounding whitespace, empty ones dropped.
-
-    sample > 0 returns that many stories drawn at random (seeded; the same seed gives the
-    same stories); 0 returns all of them, in order.
+    """The stories of one split as a list, stripped of surrounding whitespace, empty ones
+    dropped: StorySource's stories, for data that fits in memory (validation sets, chat data,
+    notebooks). sample > 0 returns that many stories drawn at random (seeded; the same seed
+    gives the same stories); 0 returns all of them, in order.
     """
-    table = load_split(dataset, split)
-    if text_column not in table.column_names:
-        raise DataError(f"{dataset}: no column {text_column!r} (columns: {table.column_names}); pass --text_column")
-    if sample and sample < len(table):
-        table = table.shuffle(seed=seed).select(range(sample))
-    stories = [text.strip() for text in table[text_column] if isinstance(text, str) and text.strip()]
+    stories = list(StorySource(dataset, split, text_column, sample, seed))
     if not stories:
         raise DataError(f"{dataset}: no stories in split {split!r}, column {text_column!r} (all empty)")
     return stories
+
+
+def held_out_indices(count: int, held: int | float, seed: int) -> np.ndarray:
+    """The sorted indices of a seeded random share of count items: hold_out's draw, for
+    streams that cannot be indexed (see hold_out for held and the errors)."""
+    chosen = max(1, int(count * held)) if isinstance(held, float) else held
+    if chosen and chosen >= count:
+        raise DataError(f"{count} stories or conversations are too few to hold out {chosen} of them "
+                        "and keep the rest")
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return np.sort(np.array(order[:chosen], dtype=np.int64))
 
 
 def hold_out(items: Sequence[T], held: int | float, seed: int) -> tuple[list[T], list[T]]:
@@ -239,15 +383,19 @@ def hold_out(items: Sequence[T], held: int | float, seed: int) -> tuple[list[T],
     The draw is random.Random(seed).shuffle of the indices: the generator behind the
     tokenizer's held-out compression figure, so that figure stays reproducible. A fraction
     that leaves nothing to keep is a DataError."""
-    count = max(1, int(len(items) * held)) if isinstance(held, float) else held
-    if count and count >= len(items):
-        raise DataError(f"{len(items)} stories or conversations are too few to hold out {count} of them "
-                        "and keep the rest")
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    chosen = set(order[:count])
+    chosen = set(held_out_indices(len(items), held, seed).tolist())
     kept = [item for i, item in enumerate(items) if i not in chosen]
     return kept, [items[i] for i in sorted(chosen)]
+
+
+def split_stream(stories: Iterable[str], held: np.ndarray, held_out: list[str]) -> Iterator[str]:
+    """The stories whose flag in held is False, streamed; the others are appended to held_out
+    as the stream passes them (so held_out is complete once the stream is)."""
+    for story, is_held in zip(stories, held, strict=True):
+        if is_held:
+            held_out.append(story)
+        else:
+            yield story
 
 
 def validation_stories(dataset: str = DEFAULT_DATASET, held_out: int = 200) -> list[str]:
@@ -262,39 +410,55 @@ def validation_stories(dataset: str = DEFAULT_DATASET, held_out: int = 200) -> l
 
 # ------------------------------------------------------- token streams for training
 
-def encode_stories(stories: list[str], tokenizer: BPETokenizer, num_workers: int | None = None,
-                   desc: str = "encoding") -> np.ndarray:
-    """Stories -> one flat token stream, each story followed by <|endoftext|> (uint16 when
-    the vocabulary fits, as it does for 10k or GPT-2's 50k). Story text is encoded as plain
-    text: special-token look-alikes inside a story stay text."""
+def encoded_stories(stories: Iterable[str], tokenizer: BPETokenizer, num_workers: int | None = None,
+                    desc: str = "encoding", total_bytes: int | None = None) -> Iterator[np.ndarray]:
+    """Stories -> their token stream, in order, as a series of arrays of tokenizer.token_dtype
+    (uint16 for 10k or GPT-2's 50k tokens): each story followed by <|endoftext|>, encoded as
+    plain text (special-token look-alikes inside a story stay text). The stories may be a
+    stream; batches of a few MB are encoded on num_workers processes (default: all cores)
+    while a bar shows MB and stories done (with an ETA given total_bytes)."""
     if ENDOFTEXT not in tokenizer.special_tokens:
         raise DataError(f"the tokenizer has no {ENDOFTEXT} special token to separate stories")
-    end = tokenizer.special_tokens[ENDOFTEXT]
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    pieces = []
-    step = 20_000
-    for start in tqdm(range(0, len(stories), step), desc=desc, unit=" chunks", delay=1.0):
-        for ids in tokenizer.encode_batch(stories[start : start + step], num_workers, allowed_special="none"):
-            ids.append(end)
-            pieces.append(np.asarray(ids, dtype=dtype))
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+    batches = batched_texts(with_progress(stories, desc, total_bytes))
+    return tokenizer.encode_arrays(batches, tokenizer.special_tokens[ENDOFTEXT], num_workers)
 
 
-def cached_tokens(cache_dir: str | os.PathLike, key: dict, build: Callable[[], np.ndarray]) -> np.ndarray:
-    """A token stream saved once as .npy under cache_dir and memory-mapped afterwards. key
-    (dataset, split, tokenizer fingerprint, sample size, ...) names the file, so a change
-    to any of them builds a new one; a .json beside it records the key."""
+def encode_stories(stories: Iterable[str], tokenizer: BPETokenizer, num_workers: int | None = None,
+                   desc: str = "encoding") -> np.ndarray:
+    """encoded_stories as one array in memory: for a validation set or a notebook. (Training
+    streams its data to disk instead, with cached_tokens.)"""
+    arrays = list(encoded_stories(stories, tokenizer, num_workers, desc))
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=tokenizer.token_dtype)
+
+
+def cached_tokens(cache_dir: str | os.PathLike, key: dict, dtype: type[np.unsignedinteger],
+                  build: Callable[[], Iterable[np.ndarray]]) -> np.ndarray:
+    """A token stream written once to cache_dir as raw `dtype` integers (llama2.c's .bin
+    layout), array by array as build() yields them, then memory-mapped. key (dataset, split,
+    tokenizer fingerprint, sample size, ...) names the file, so a change to any of them builds
+    a new one. The .json beside it records the key and the token count, and is written last:
+    a stream without it was cut short, and is built again."""
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"tokens-{name}.npy"
-    if not path.exists():
-        tokens = build()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # np.save appends .npy to a name without it, so the temporary name keeps the suffix.
-        write_atomically(path, lambda tmp: np.save(tmp, tokens), suffix=".npy")
-        path.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    path = Path(cache_dir) / f"tokens-{name}.bin"
+    record = path.with_suffix(".json")
+    if not record.exists():
+        written = {"tokens": 0}
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                for array in build():
+                    f.write(array.astype(dtype, copy=False).tobytes())
+                    written["tokens"] += len(array)
+
+        write_atomically(path, write, suffix=".bin")
+        text = json.dumps({**key, **written}, indent=1, sort_keys=True) + "\n"
+        write_atomically(record, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     try:
-        return np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as err:  # written atomically, so damaged afterwards
+        tokens = json.loads(record.read_text(encoding="utf-8"))["tokens"]
+        if path.stat().st_size != tokens * np.dtype(dtype).itemsize:
+            raise ValueError(f"{path.stat().st_size} bytes, not {tokens} tokens of {np.dtype(dtype).name}")
+        return np.memmap(path, dtype=dtype, mode="r") if tokens else np.zeros(0, dtype=dtype)
+    except (ValueError, KeyError, TypeError, OSError) as err:  # written atomically, so damaged afterwards
         raise DataError(f"the token cache {path} is damaged ({err}); delete it, and it is built again") from None
 
 
@@ -369,7 +533,7 @@ def words_line(words: list[str]) -> str:
     return f"Words: {', '.join(words)}\nStory:"
 
 
-def add_words_lines(stories: list[str], share: float, seed: int) -> list[str]:
+def add_words_lines(stories: Iterable[str], share: float, seed: int) -> Iterator[str]:
     """A seeded share of the stories (those with three content words or more) start with a
     words line, as TinyStoriesInstruct's stories do:
 
@@ -378,15 +542,14 @@ def add_words_lines(stories: list[str], share: float, seed: int) -> list[str]:
 
     A model pretrained on them learns to use words it is given, so that a prompt ending in
     "Story:" after such a line asks for them (and the chat's word requests have that skill to
-    build on). The words are three of the story's content words, in a random order."""
+    build on). The words are three of the story's content words, in a random order. The
+    stories may be a stream: each is marked as it passes."""
     rng = random.Random(seed)
-    marked = []
     for story in stories:
         words = story_words(story)
         if len(words) >= 3 and rng.random() < share:
             story = f"{words_line(rng.sample(words, 3))} {story}"
-        marked.append(story)
-    return marked
+        yield story
 
 
 # ---------------------------------------------------------- pretraining data
@@ -396,37 +559,74 @@ def source_name(dataset: str | None) -> str | None:
     return str(Path(dataset).expanduser().resolve()) if dataset and Path(dataset).expanduser().exists() else dataset
 
 
-def load_train_and_validation(dataset: str, val_dataset: str | None = None, val_fraction: float = 0.05,
-                              text_column: str = "text", max_train_stories: int = 0, max_val_stories: int = 0,
-                              seed: int = 0, calibration_stories: int = 0) -> dict[str, list[str]]:
-    """{"train": stories, "validation": stories, "calibration": stories}. Validation is
-    val_dataset (its validation split, or the whole of a single file), else dataset's
-    validation split, else a seeded val_fraction of dataset's training stories (hold_out).
-    Calibration is a seeded calibration_stories of the training stories, held out of training
-    to fit a temperature (calibration.py); none by default. max_*_stories > 0: a seeded sample."""
-    train = load_stories(dataset, "train", text_column, max_train_stories, seed)
+TRAIN, VALIDATION, CALIBRATION, UNUSED = range(4)  # what a story of a training source is for
+
+
+@dataclasses.dataclass
+class StoriesOfRole:
+    """The stories of a training source that serve one role (TRAIN, VALIDATION or
+    CALIBRATION): a stream, read afresh from the source on every pass."""
+
+    source: StorySource
+    roles: np.ndarray  # the role of each of the source's stories
+    role: int
+
+    def __iter__(self) -> Iterator[str]:
+        return (story for story, role in zip(self.source, self.roles, strict=True) if role == self.role)
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.source.story_sizes()[self.roles == self.role].sum())
+
+
+def _validation_source(dataset: str, val_dataset: str | None, text_column: str, max_val_stories: int,
+                       seed: int) -> StorySource | None:
+    """val_dataset's validation split (or the whole of a single file), else dataset's
+    validation split; None when there is no such split."""
     try:
         if val_dataset:
             try:
-                validation = load_stories(val_dataset, "validation", text_column, max_val_stories, seed)
+                return StorySource(val_dataset, "validation", text_column, max_val_stories, seed)
             except SplitNotFoundError:  # a single file is its own split
-                validation = load_stories(val_dataset, "train", text_column, max_val_stories, seed)
-        else:
-            validation = load_stories(dataset, "validation", text_column, max_val_stories, seed)
+                return StorySource(val_dataset, "train", text_column, max_val_stories, seed)
+        return StorySource(dataset, "validation", text_column, max_val_stories, seed)
     except SplitNotFoundError:
+        return None
+
+
+def load_train_and_validation(dataset: str, val_dataset: str | None = None, val_fraction: float = 0.05,
+                              text_column: str = "text", max_train_stories: int = 0, max_val_stories: int = 0,
+                              seed: int = 0, calibration_stories: int = 0) -> dict[str, Iterable[str]]:
+    """{"train": stories, "validation": stories, "calibration": stories}, each a stream
+    (StorySource or StoriesOfRole) that reads its source afresh on every pass. Validation is
+    val_dataset (its validation split, or the whole of a single file), else dataset's
+    validation split, else a seeded val_fraction of dataset's training stories (hold_out's
+    draw, the first max_val_stories of it if set). Calibration is a seeded calibration_stories
+    of the remaining training stories, held out to fit a temperature (calibration.py); none
+    by default. max_*_stories > 0: a seeded sample. Holding out counts the training stories
+    first (one pass)."""
+    train = StorySource(dataset, "train", text_column, max_train_stories, seed)
+    validation = _validation_source(dataset, val_dataset, text_column, max_val_stories, seed)
+    if validation is not None and not calibration_stories:
+        return {"train": train, "validation": validation, "calibration": []}
+    roles = np.full(len(train.story_sizes()), TRAIN, dtype=np.uint8)
+    if validation is None:
         try:
-            train, validation = hold_out(train, float(val_fraction), seed)
+            held = held_out_indices(len(roles), float(val_fraction), seed)
         except DataError as err:
             raise DataError(f"{dataset}: {err}") from None
-        if max_val_stories:
-            validation = validation[:max_val_stories]
-    calibration: list[str] = []
+        roles[held] = UNUSED
+        roles[held[:max_val_stories or None]] = VALIDATION
+        validation = StoriesOfRole(train, roles, VALIDATION)
+    calibration: Iterable[str] = []
     if calibration_stories:
+        kept = np.flatnonzero(roles == TRAIN)
         try:
-            train, calibration = hold_out(train, calibration_stories, seed)
+            roles[kept[held_out_indices(len(kept), calibration_stories, seed)]] = CALIBRATION
         except DataError as err:
             raise DataError(f"--calibration_stories {calibration_stories}: {err}") from None
-    return {"train": train, "validation": validation, "calibration": calibration}
+        calibration = StoriesOfRole(train, roles, CALIBRATION)
+    return {"train": StoriesOfRole(train, roles, TRAIN), "validation": validation, "calibration": calibration}
 
 
 def prepare_pretraining_data(tokenizer: BPETokenizer, dataset: str, block_size: int, cache_dir: str | os.PathLike,
@@ -436,18 +636,19 @@ def prepare_pretraining_data(tokenizer: BPETokenizer, dataset: str, block_size: 
                              words_lines: float = 0.0) -> dict[str, TokenWindows]:
     """{"train", "validation"} windows of block_size tokens, and "calibration" windows with
     calibration_stories (see load_train_and_validation for where each comes from). Every
-    token stream is encoded once and cached under cache_dir; the stories are loaded only when
-    a stream is not cached yet. The training windows move each epoch (shift_seed), the others
-    stay put. words_lines: the share of training stories that start with a words line
-    (add_words_lines); the validation and calibration stories stay plain."""
-    loaded: dict[str, list[str]] = {}
+    token stream is encoded once, streamed to disk and cached under cache_dir; the stories are
+    read only when a stream is not cached yet. The training windows move each epoch
+    (shift_seed), the others stay put. words_lines: the share of training stories that start
+    with a words line (add_words_lines); the validation and calibration stories stay plain."""
+    loaded: dict[str, Iterable[str]] = {}
 
-    def stories(role: str) -> list[str]:
+    def encoded(role: str) -> Iterator[np.ndarray]:
         if not loaded:
             loaded.update(load_train_and_validation(dataset, val_dataset, val_fraction, text_column,
                                                     max_train_stories, max_val_stories, seed, calibration_stories))
-            loaded["train"] = add_words_lines(loaded["train"], words_lines, seed) if words_lines else loaded["train"]
-        return loaded[role]
+        stories = loaded[role]
+        marked = add_words_lines(stories, words_lines, seed) if words_lines and role == "train" else stories
+        return encoded_stories(marked, tokenizer, num_workers, f"encoding {role} stories", stories.total_bytes)
 
     # The key names everything the stream depends on: change any of it and it is encoded anew.
     # held_out_by: caches made before hold_out (which draws another share) are not reused.
@@ -463,8 +664,7 @@ def prepare_pretraining_data(tokenizer: BPETokenizer, dataset: str, block_size: 
             key["calibration_stories"] = calibration_stories
         if words_lines and role == "train":
             key["words_lines"] = words_lines
-        tokens = cached_tokens(cache_dir, key, lambda role=role: encode_stories(
-            stories(role), tokenizer, num_workers, desc=f"encoding {role} stories"))
+        tokens = cached_tokens(cache_dir, key, tokenizer.token_dtype, lambda role=role: encoded(role))
         try:
             windows[role] = TokenWindows(tokens, block_size, shift_seed=seed if role == "train" else None)
         except DataError as err:

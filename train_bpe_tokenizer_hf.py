@@ -3,21 +3,26 @@
     python train_bpe_tokenizer_hf.py --sample 10000                       # hub data set
     python train_bpe_tokenizer_hf.py --dataset ../shared/data/tinystories_train.txt
 
-Stories come from tinystories_data.load_stories; a seeded share (tinystories_data.hold_out)
-is held out to measure compression (UTF-8 bytes per token) on text the tokenizer has not seen.
-Writes bpe_tokenizer.json (the project's format) and, with --hf_output, a Hugging Face
-tokenizer.json.
+Stories are streamed from tinystories_data.StorySource, so memory stays flat however large
+the data set (the whole of TinyStories is 1.9 GB): one pass counts them, a second counts their
+pre-tokens on all cores. A seeded share (tinystories_data.held_out_indices, the draw the
+training script uses too) is held out to measure compression (UTF-8 bytes per token) on text
+the tokenizer has not seen. Writes bpe_tokenizer.json (the project's format) and, with
+--hf_output, a Hugging Face tokenizer.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from itertools import islice
+
+import numpy as np
 
 from bpe_tokenizer import DEFAULT_SPECIAL_TOKENS, BPETokenizer
 from common import check_output_paths, run_script
 from hf_interop import save_hf_tokenizer
-from tinystories_data import DEFAULT_DATASET, hold_out, load_stories
+from tinystories_data import DEFAULT_DATASET, StorySource, held_out_indices, split_stream, with_progress
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,15 +63,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     wanted = args.sample + args.heldout if args.sample else 0
     print(f"loading {args.dataset} (split {args.split}{f', {wanted} sampled stories' if wanted else ''}) ...")
-    stories = load_stories(args.dataset, args.split, args.text_column, sample=wanted, seed=args.seed)
+    source = StorySource(args.dataset, args.split, args.text_column, sample=wanted, seed=args.seed)
+    sizes = source.story_sizes()
     # A seeded share to measure compression on text the tokenizer has not seen: with --sample,
     # what is left beyond the sample (so exactly --sample stories train), else at most a tenth.
-    room = max(0, len(stories) - args.sample) if args.sample else len(stories) // 10
-    train, held = hold_out(stories, min(args.heldout, room), args.seed)
-    megabytes = sum(len(s.encode("utf-8")) for s in train) / 1e6
-    print(f"training on {len(train):,} stories ({megabytes:.1f} MB), vocab_size {args.vocab_size:,}")
+    room = max(0, len(sizes) - args.sample) if args.sample else len(sizes) // 10
+    held_flags = np.zeros(len(sizes), dtype=bool)
+    held_flags[held_out_indices(len(sizes), min(args.heldout, room), args.seed)] = True
+    train_bytes = int(sizes[~held_flags].sum())
+    print(f"training on {len(sizes) - held_flags.sum():,} stories ({train_bytes / 1e6:.1f} MB), "
+          f"vocab_size {args.vocab_size:,}")
 
     start = time.perf_counter()
+    held: list[str] = []
+    train = with_progress(split_stream(source, held_flags, held), "counting pre-tokens", train_bytes)
     tokenizer = BPETokenizer.train(train, args.vocab_size, args.special_tokens, num_workers=args.num_workers)
     seconds = time.perf_counter() - start
     tokenizer.save(args.output)
@@ -80,9 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     if held:
         print(f"compression on {len(held)} held-out stories: {bytes_per_token(tokenizer, held):.2f} bytes per token")
     else:
-        print(f"compression on the training stories (too few to hold any out): {bytes_per_token(tokenizer, train):.2f} bytes per token")
-    first = ", ".join(f"{a.decode('utf-8', 'replace')!r}+{b.decode('utf-8', 'replace')!r}" for a, b in tokenizer.merges[:10])
-    print(f"first merges: {first}")
+        first = list(islice(source, max(args.heldout, 1)))  # (--heldout 0, or too few stories to spare any)
+        print(f"compression on {len(first)} training stories (none held out): "
+              f"{bytes_per_token(tokenizer, first):.2f} bytes per token")
+    merges = ", ".join(f"{a.decode('utf-8', 'replace')!r}+{b.decode('utf-8', 'replace')!r}" for a, b in tokenizer.merges[:10])
+    print(f"first merges: {merges}")
     print(f"wrote {args.output}" + (f" and {args.hf_output}" if args.hf_output else ""))
 
 

@@ -65,10 +65,10 @@ def bench_corpus(label: str, stories: list[str], repeats: int) -> list[tuple[str
 
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     hf_seconds = median_seconds(lambda: hf_train(stories), repeats)
-    ours_seconds = median_seconds(lambda: BPETokenizer.train(stories, VOCAB_SIZE, show_progress=False), repeats)
-    counts = count_pre_tokens(stories, special_tokens=DEFAULT_SPECIAL_TOKENS, show_progress=False)
+    ours_seconds = median_seconds(lambda: BPETokenizer.train(stories, VOCAB_SIZE), repeats)
+    counts = count_pre_tokens(stories, special_tokens=DEFAULT_SPECIAL_TOKENS)
     count_seconds = median_seconds(
-        lambda: count_pre_tokens(stories, special_tokens=DEFAULT_SPECIAL_TOKENS, show_progress=False), repeats
+        lambda: count_pre_tokens(stories, special_tokens=DEFAULT_SPECIAL_TOKENS), repeats
     )
     new_tokens = VOCAB_SIZE - 256 - len(DEFAULT_SPECIAL_TOKENS)
     merge_seconds = median_seconds(lambda: learn_merges(counts, new_tokens), repeats)
@@ -79,7 +79,7 @@ def bench_corpus(label: str, stories: list[str], repeats: int) -> list[tuple[str
         (label, "train: ours, merging", merge_seconds, ""),
     ]
 
-    ours = BPETokenizer.train(stories, VOCAB_SIZE, show_progress=False)
+    ours = BPETokenizer.train(stories, VOCAB_SIZE)
     hf = hf_train(stories)
     assert ours.vocab_size == hf.get_vocab_size() == VOCAB_SIZE
     encoding = tiktoken_from(ours)

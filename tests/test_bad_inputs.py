@@ -129,7 +129,7 @@ def test_a_damaged_config_json_is_named(tiny_run):
 
 def test_a_damaged_token_cache_is_named_with_the_fix(tiny_run, tmp_path):
     out, flags = tiny_run
-    cache = sorted((out / "data_cache").glob("tokens-*.npy"))[0]
+    cache = sorted((out / "data_cache").glob("tokens-*.bin"))[0]
     saved = cache.read_bytes()
     cache.write_bytes(saved[: len(saved) // 2])
     try:

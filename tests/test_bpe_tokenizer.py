@@ -57,7 +57,7 @@ def small_tokenizer() -> BPETokenizer:
 def simple_merges(texts, vocab_size, special_tokens):
     """The merges train must learn: learn_merges_simple, the plain trainer that recounts every
     pair at every step, on the corpus's pre-token counts (counted once, on one process)."""
-    word_counts = count_pre_tokens(texts, special_tokens=special_tokens, num_workers=1, show_progress=False)
+    word_counts = count_pre_tokens(texts, special_tokens=special_tokens, num_workers=1)
     return learn_merges_simple(word_counts, vocab_size - 256 - len(special_tokens))
 
 
@@ -184,9 +184,9 @@ def test_simple_trainer_gives_the_merges_of_its_worked_example():
 def test_fast_and_simple_trainers_agree_on_the_same_counts(shared_train_file):
     text = shared_train_file.read_text(encoding="utf-8")
     stories = [s for s in text.split("<|endoftext|>") if s.strip()][:100]
-    word_counts = count_pre_tokens(stories, num_workers=1, show_progress=False)
+    word_counts = count_pre_tokens(stories, num_workers=1)
     assert learn_merges(word_counts, 300) == learn_merges_simple(word_counts, 300)
-    few_counts = count_pre_tokens(stories[:10], num_workers=1, show_progress=False)
+    few_counts = count_pre_tokens(stories[:10], num_workers=1)
     assert learn_merges(few_counts, 10**6) == learn_merges_simple(few_counts, 10**6)  # until no pair is left
 
 
@@ -209,7 +209,7 @@ def test_training_is_deterministic_and_the_same_on_several_processes(monkeypatch
     serial = BPETokenizer.train(stories, vocab_size=500, num_workers=1)
     assert BPETokenizer.train(stories, vocab_size=500, num_workers=1).merges == serial.merges
     monkeypatch.setattr(bpe_tokenizer, "PARALLEL_MIN_CHARS", 4000)  # batches of 1,000 characters
-    parallel = BPETokenizer.train(iter(stories), vocab_size=500, num_workers=2, show_progress=False)
+    parallel = BPETokenizer.train(iter(stories), vocab_size=500, num_workers=2)
     assert parallel.merges == serial.merges
 
 
@@ -456,3 +456,60 @@ def test_encode_iterable_streams_a_large_file_in_bounded_memory(small_tokenizer,
     for token in expected:
         reference = (reference * 31 + token) % 1_000_000_007
     assert checksum == reference
+
+
+# ------------------------------------------------- streams of batches on processes
+
+ASCII = "".join(map(chr, range(128)))
+
+
+@given(st.lists(st.sampled_from([*ASCII, "aa", "  ", "'ll", "12", "!?"]), max_size=40).map("".join))
+def test_the_ascii_pre_tokenizer_splits_ascii_text_as_the_unicode_pattern_does(text):
+    unicode_split = bpe_tokenizer.regex.compile(bpe_tokenizer.GPT2_SPLIT_PATTERN).findall
+    assert bpe_tokenizer.pre_tokenizer(bpe_tokenizer.GPT2_SPLIT_PATTERN)(text) == unicode_split(text)
+
+
+def test_the_ascii_pre_tokenizer_agrees_on_every_pair_of_ascii_characters_in_context():
+    split = bpe_tokenizer.pre_tokenizer(bpe_tokenizer.GPT2_SPLIT_PATTERN)
+    unicode_split = bpe_tokenizer.regex.compile(bpe_tokenizer.GPT2_SPLIT_PATTERN).findall
+    for a in ASCII:
+        text = " ".join(a + b + "x" for b in ASCII)
+        assert split(text) == unicode_split(text)
+    assert split("café 12") == unicode_split("café 12")  # not ASCII: the Unicode pattern itself
+
+
+def test_encode_arrays_on_processes_equal_encode_with_a_separator(small_tokenizer):
+    texts = CORPUS * 30 + TRICKY_TEXTS
+    batches = list(bpe_tokenizer.batched_texts(texts, max_chars=500))
+    expected = [token for text in texts for token in [*small_tokenizer.encode(text, "none"), 7]]
+    for workers in (1, 2):
+        arrays = list(small_tokenizer.encode_arrays(iter(batches), separator=7, num_workers=workers))
+        assert len(arrays) == len(batches) and all(a.dtype == small_tokenizer.token_dtype for a in arrays)
+        assert [int(t) for a in arrays for t in a] == expected
+    assert small_tokenizer.encode_to_array([]).tolist() == []
+
+
+def test_counting_a_stream_on_processes_equals_counting_it_here(small_tokenizer):
+    texts = CORPUS * 40 + TRICKY_TEXTS
+    here = count_pre_tokens(texts, special_tokens=DEFAULT_SPECIAL_TOKENS, num_workers=1)
+    old = bpe_tokenizer.BATCH_CHARS
+    try:
+        bpe_tokenizer.BATCH_CHARS = 300  # many batches, so the workers really share them
+        streamed = count_pre_tokens(iter(texts), special_tokens=DEFAULT_SPECIAL_TOKENS, num_workers=2)
+    finally:
+        bpe_tokenizer.BATCH_CHARS = old
+    assert streamed == here
+
+
+def test_map_batches_reads_a_stream_only_as_fast_as_the_workers_use_it():
+    pulled = []
+
+    def stream():
+        for i in range(1000):
+            pulled.append(i)
+            yield [str(i)]
+
+    results = bpe_tokenizer.map_batches(len, len, stream(), num_workers=2)
+    assert next(results) == 1
+    assert len(pulled) <= 2 * 2 + 1  # two batches per worker in flight, not the whole stream
+    assert sum(results) == 999 and len(pulled) == 1000

@@ -1,15 +1,30 @@
 """load_stories: every kind of source gives the same list of stories, and every failure
-gives one clear DataError; hold_out: the one seeded held-out split."""
+gives one clear DataError; StorySource streams them in bounded memory, with the same seeded
+samples; hold_out: the one seeded held-out split; token streams are encoded in parallel and
+cached on disk with the ids of encoding them whole."""
 
 import json
 import random
 
 import datasets
+import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+import bpe_tokenizer
 import tinystories_data
 from helpers import story_tokenizer, write_story_corpus
-from tinystories_data import DataError, SplitNotFoundError, hold_out, load_stories, read_story_file
+from tinystories_data import (
+    DataError,
+    SplitNotFoundError,
+    StorySource,
+    cached_tokens,
+    encode_stories,
+    hold_out,
+    load_stories,
+    read_story_file,
+)
 
 STORIES = ["Once upon a time there was a cat.", "Tom saw a big dog.\nHe ran home.", "The end."]
 
@@ -29,6 +44,34 @@ def test_separators_inside_lines_blank_stories_and_no_final_separator_are_handle
     path.write_text("  first story \n<|endoftext|>second<|endoftext|>\n\n<|endoftext|>third\n", encoding="utf-8")
     assert list(read_story_file(path)) == ["  first story \n", "second", "\n\n", "third\n"]
     assert load_stories(str(path)) == ["first story", "second", "third"]
+
+
+@given(st.lists(st.sampled_from(["a", "b\n", " ", "<|endoftext|>", "<|endof", "text|>", "<", "é"]), max_size=30),
+       st.integers(1, 7))
+def test_a_story_file_read_in_small_blocks_is_cut_as_the_whole_text_is(tmp_path_factory, pieces, block_chars):
+    path = tmp_path_factory.mktemp("blocks") / "stories.txt"
+    path.write_text("".join(pieces), encoding="utf-8")
+    assert list(read_story_file(path, block_chars)) == "".join(pieces).split("<|endoftext|>")
+
+
+def test_a_sample_of_a_streamed_file_is_the_one_datasets_draws(tmp_path):
+    stories = [f"Story number {i}." for i in range(100)]
+    path = write_story_txt(tmp_path / "many.txt", stories)
+    table = datasets.Dataset.from_dict({"text": list(read_story_file(path))})
+    drawn = [text.strip() for text in table.shuffle(seed=4).select(range(10))["text"] if text.strip()]
+    assert list(StorySource(str(path), sample=10, seed=4)) == drawn
+    jsonl = tmp_path / "many.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": s}) + "\n" for s in stories), encoding="utf-8")
+    rows = datasets.Dataset.from_dict({"text": stories})  # no trailing empty piece: 100 rows, not 101
+    assert list(StorySource(str(jsonl), sample=10, seed=4)) == rows.shuffle(seed=4).select(range(10))["text"]
+
+
+def test_a_story_source_counts_its_stories_in_bytes_and_can_be_read_again(tmp_path):
+    stories = ["Once upon a time.", "A café by the sea.", "The end."]
+    source = StorySource(str(write_story_txt(tmp_path / "s.txt", stories)))
+    assert source.story_sizes().tolist() == [len(s.encode("utf-8")) for s in stories]
+    assert source.total_bytes == sum(len(s.encode("utf-8")) for s in stories)
+    assert list(source) == list(source) == stories
 
 
 def test_folder_files_form_splits_by_name(tmp_path):
@@ -169,7 +212,7 @@ STORIES = [
 
 
 def test_a_words_line_names_three_of_the_storys_words_and_parses_back_as_instruct_metadata():
-    marked = tinystories_data.add_words_lines(STORIES, share=1.0, seed=0)
+    marked = list(tinystories_data.add_words_lines(STORIES, share=1.0, seed=0))
     assert marked[2] == STORIES[2]
     for story, text in zip(STORIES[:2], marked[:2], strict=True):
         entry = tinystories_data.parse_instruct_entry(text)  # TinyStoriesInstruct's own reader
@@ -180,12 +223,12 @@ def test_a_words_line_names_three_of_the_storys_words_and_parses_back_as_instruc
 
 def test_words_lines_mark_a_seeded_share_of_the_stories():
     stories = [f"{STORIES[0]} {i}" for i in range(400)]
-    marked = tinystories_data.add_words_lines(stories, share=0.25, seed=3)
+    marked = list(tinystories_data.add_words_lines(stories, share=0.25, seed=3))
     share = sum(text.startswith("Words: ") for text in marked) / len(stories)
     assert 0.18 < share < 0.32
-    assert marked == tinystories_data.add_words_lines(stories, share=0.25, seed=3)
-    assert marked != tinystories_data.add_words_lines(stories, share=0.25, seed=4)
-    assert tinystories_data.add_words_lines(stories, share=0.0, seed=3) == stories
+    assert marked == list(tinystories_data.add_words_lines(stories, share=0.25, seed=3))
+    assert marked != list(tinystories_data.add_words_lines(stories, share=0.25, seed=4))
+    assert list(tinystories_data.add_words_lines(stories, share=0.0, seed=3)) == stories
 
 
 def test_words_lines_go_into_the_training_stream_only(tmp_path):
@@ -196,4 +239,32 @@ def test_words_lines_go_into_the_training_stream_only(tmp_path):
     assert "Words: " in tokenizer.decode(marked["train"].tokens.tolist())
     assert "Words: " not in tokenizer.decode(plain["train"].tokens.tolist())
     assert (marked["validation"].tokens == plain["validation"].tokens).all()  # validation stays plain
-    assert len(list((tmp_path / "cache").glob("tokens-*.npy"))) == 3  # a stream of its own, the validation one shared
+    assert len(list((tmp_path / "cache").glob("tokens-*.bin"))) == 3  # a stream of its own, the validation one shared
+
+
+# ------------------------------------------------------------------- token streams
+
+def test_encoding_a_streamed_corpus_on_processes_gives_the_ids_of_encoding_it_whole(tmp_path, monkeypatch):
+    corpus, tokenizer = write_story_corpus(tmp_path, train=300, valid=1), story_tokenizer(400)
+    monkeypatch.setattr(tinystories_data, "batched_texts", lambda texts: bpe_tokenizer.batched_texts(texts, 2000))
+    stream = StorySource(str(corpus / "stories_train.txt"))
+    whole = []
+    for story in load_stories(str(corpus / "stories_train.txt")):
+        whole += [*tokenizer.encode(story, allowed_special="none"), tokenizer.special_tokens["<|endoftext|>"]]
+    for workers in (1, 2):
+        tokens = encode_stories(iter(stream), tokenizer, num_workers=workers)
+        assert tokens.dtype == np.uint16 and tokens.tolist() == whole
+
+
+def test_a_token_cache_is_written_as_it_is_encoded_and_a_cut_short_one_is_built_again(tmp_path):
+    arrays = [np.arange(5, dtype=np.uint16), np.arange(3, dtype=np.uint16)]
+    tokens = cached_tokens(tmp_path, {"k": 1}, np.uint16, lambda: iter(arrays))
+    assert tokens.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    (record,) = tmp_path.glob("tokens-*.json")
+    assert json.loads(record.read_text())["tokens"] == 8
+    record.unlink()  # as if the run died after the tokens, before the record: built again
+    assert cached_tokens(tmp_path, {"k": 1}, np.uint16, lambda: iter(arrays[:1])).tolist() == [0, 1, 2, 3, 4]
+    (cache,) = tmp_path.glob("tokens-*.bin")
+    cache.write_bytes(cache.read_bytes()[:3])
+    with pytest.raises(DataError, match=r"tokens-.*\.bin is damaged .*3 bytes, not 5 tokens of uint16.*delete it"):
+        cached_tokens(tmp_path, {"k": 1}, np.uint16, lambda: iter(arrays))

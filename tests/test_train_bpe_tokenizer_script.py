@@ -77,3 +77,15 @@ def test_unreachable_hub_is_one_line(monkeypatch, capsys):
     assert exit_info.value.code == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: cannot reach the Hugging Face hub") and "\n" not in error
+
+
+def test_the_held_out_stories_are_the_draw_the_training_script_holds_out(story_file, tmp_path, monkeypatch):
+    """On data without a validation split, --heldout 6 sets aside the 6 stories that the
+    training script's --val_fraction 0.1 takes for validation: one seeded draw, streamed."""
+    measured = []
+    monkeypatch.setattr(train_bpe_tokenizer_hf, "bytes_per_token", lambda tokenizer, texts: measured.append(texts) or 1.0)
+    train_bpe_tokenizer_hf.main(["--dataset", str(story_file), "--vocab_size", "280", "--heldout", "6", "--seed", "3",
+                                 "--output", str(tmp_path / "tok.json")])
+    validation = tinystories_data.load_train_and_validation(str(story_file), val_fraction=0.1, seed=3)["validation"]
+    assert measured == [list(validation)]
+    assert measured[0] == tinystories_data.hold_out(tinystories_data.load_stories(str(story_file)), 6, seed=3)[1]

@@ -187,12 +187,12 @@ def test_gradient_accumulation_equals_one_big_batch(corpus, tmp_path):
 def test_encoded_data_is_cached_and_reused(corpus, tmp_path, monkeypatch):
     args = train_args(corpus, tmp_path / "run", "--max_steps", "2", "--cache_dir", str(tmp_path / "cache"))
     main(args)
-    assert len(list((tmp_path / "cache").glob("tokens-*.npy"))) == 2
+    assert len(list((tmp_path / "cache").glob("tokens-*.bin"))) == 2
 
     def must_not_encode(*_, **__):
         raise AssertionError("encoded again")
 
-    monkeypatch.setattr(tinystories_data, "encode_stories", must_not_encode)
+    monkeypatch.setattr(tinystories_data, "encoded_stories", must_not_encode)
     main([*args, "--overwrite"])
 
 
@@ -226,24 +226,25 @@ def test_a_single_file_holds_out_a_seeded_validation_share(corpus, tmp_path):
 def test_the_held_out_validation_share_is_hold_out_of_the_training_file(corpus):
     single = str(corpus / "stories_train.txt")
     stories = load_stories(single)
-    split = load_train_and_validation(single, val_fraction=0.1, seed=3)
+    split = {role: list(stories) for role, stories in load_train_and_validation(single, val_fraction=0.1, seed=3).items()}
     assert (split["train"], split["validation"]) == hold_out(stories, 0.1, seed=3)
     assert len(split["validation"]) == len(stories) // 10 and len(split["train"]) + len(split["validation"]) == len(stories)
-    assert load_train_and_validation(single, val_fraction=0.1, seed=3, max_val_stories=5)["validation"] == \
+    assert list(load_train_and_validation(single, val_fraction=0.1, seed=3, max_val_stories=5)["validation"]) == \
         split["validation"][:5]
     folder = load_train_and_validation(str(corpus), val_fraction=0.1, seed=3)  # a validation file: nothing held out
-    assert folder["train"] == stories and folder["validation"] == load_stories(str(corpus), "validation")
+    assert list(folder["train"]) == stories and list(folder["validation"]) == load_stories(str(corpus), "validation")
 
 
 def test_calibration_stories_are_held_out_of_the_training_stories(corpus):
     single = str(corpus / "stories_train.txt")
     stories = load_stories(single)
-    split = load_train_and_validation(single, val_fraction=0.1, seed=3, calibration_stories=20)
+    split = {role: list(stories) for role, stories in
+             load_train_and_validation(single, val_fraction=0.1, seed=3, calibration_stories=20).items()}
     validation_split = hold_out(stories, 0.1, seed=3)
     assert split["validation"] == validation_split[1]
     assert (split["train"], split["calibration"]) == hold_out(validation_split[0], 20, seed=3)
     assert len(split["calibration"]) == 20 and len(split["train"]) + 20 == len(validation_split[0])
-    assert load_train_and_validation(single, val_fraction=0.1, seed=3)["calibration"] == []
+    assert list(load_train_and_validation(single, val_fraction=0.1, seed=3)["calibration"]) == []
     with pytest.raises(tinystories_data.DataError, match="--calibration_stories 5000"):
         load_train_and_validation(single, calibration_stories=5000)
 
