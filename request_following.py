@@ -144,18 +144,28 @@ def run_request_tests(model: LanguageModel, tokenizer: BPETokenizer, tests: list
 
 # -------------------------------------------------------------------------- the rates
 
+def words_share(reply: str, words: list[str]) -> float:
+    """The share of the requested words that the reply holds (holds_words asks for all)."""
+    return sum(bool(_count(word, reply, ignore_case=True)) for word in words) / len(words)
+
+
 def summarize(tests: list[RequestTest], conversations: list[list[dict]]) -> dict[str, dict]:
     """{label: {"requests", "followed", "control"}}: the share of replies that pass their
-    request's check, and the share that pass it for another request's content."""
-    rates: dict[str, dict] = {}
+    request's check, and the share that pass it for another request's content. Words requests
+    also get "each word" and "each word control": the mean share of the words a reply holds
+    (words_share), which moves before all three words do."""
+    sums: dict[str, dict] = {}
     for test, messages in zip(tests, conversations, strict=True):
         reply, check = messages[-1]["content"], CHECKS[test.request.kind]
-        entry = rates.setdefault(test.label, {"requests": 0, "followed": 0, "control": 0})
+        entry = sums.setdefault(test.label, {"requests": 0, "followed": 0, "control": 0})
         entry["requests"] += 1
         entry["followed"] += check(reply, test.request.content)
         entry["control"] += check(reply, test.control)
-    return {label: {"requests": e["requests"], "followed": e["followed"] / e["requests"],
-                    "control": e["control"] / e["requests"]} for label, e in rates.items()}
+        if test.request.kind == "words":
+            entry["each word"] = entry.get("each word", 0) + words_share(reply, test.request.content)
+            entry["each word control"] = entry.get("each word control", 0) + words_share(reply, test.control)
+    return {label: {key: value if key == "requests" else value / entry["requests"] for key, value in entry.items()}
+            for label, entry in sums.items()}
 
 
 def follow_rates(model: LanguageModel, tokenizer: BPETokenizer, stories: list[str], per_kind: int = 100,

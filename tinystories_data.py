@@ -19,7 +19,8 @@ The file, top to bottom:
   prepare_pretraining_data (their windows, cached);
 - conversations: load_conversations (a "messages" column, or TinyStoriesInstruct text);
   requests made from a story (REQUEST_MAKERS: words_request, name_request,
-  continuation_request), conversations_from_stories, fit_conversation; ChatExamples (rows
+  continuation_request; swapped_words_request, for words the story did not hold, with
+  things_in and things_by_ending), conversations_from_stories, fit_conversation; ChatExamples (rows
   whose loss is the assistant's alone) and FreshChatExamples (conversations built anew every
   epoch).
 
@@ -862,31 +863,92 @@ def continuation_request(story: str, rng: random.Random) -> Request | None:
 REQUEST_MAKERS = {"words": words_request, "name": name_request, "continuation": continuation_request}
 
 
-def _request_for(story: str, rng: random.Random, first: bool, checkable_weight: float) -> tuple[str, str]:
+def word_ending(word: str) -> str:
+    """A word's inflection by its ending ("ing", "ed", "ly", "s" or "")."""
+    return next((ending for ending in ("ing", "ed", "ly", "s") if word.endswith(ending)), "")
+
+
+def things_in(story: str) -> list[str]:
+    """The story's content words (story_words) that follow a determiner ("the ball", "his
+    red kite"): mostly nouns and adjectives, words that can stand in for one another."""
+    after = set(regex.findall(r"\b(?i:the|a|an|his|her|my|your|their|its|our|some) ([a-z]+)", story))
+    return [word for word in story_words(story) if word in after]
+
+
+def things_by_ending(stories: list[str]) -> dict[str, list[str]]:
+    """Every story's things_in, grouped by word_ending: a word swapped for another of the same
+    group mostly keeps the sentence grammatical ("kites" for "balls")."""
+    pool: dict[str, list[str]] = {}
+    for word in dict.fromkeys(word for story in stories for word in things_in(story)):
+        pool.setdefault(word_ending(word), []).append(word)
+    return pool
+
+
+def swapped_words_request(story: str, rng: random.Random, pool: dict[str, list[str]]) -> Request | None:
+    """A words request for three words the story does not hold: three of its things_in are
+    replaced throughout (capitalised too) by words of the same ending from the pool, and the
+    reply is the story so changed.
+
+        "Write a story that uses the words kite, garden and happy."  ->  "... Tom flew his kite ..."
+
+    After pretraining, a model knows every training story by heart, so a request for a story's
+    own words can be answered from memory of the story they key, without reading them. These
+    replies it has never seen: their words can only come from the request."""
+    things = things_in(story)
+    if len(things) < 3:
+        return None
+    taken = set(story_words(story))
+    swaps = {}
+    for word in rng.sample(things, 3):
+        candidates = pool.get(word_ending(word), [])
+        for _ in range(20 if candidates else 0):  # a few draws find a word the story does not hold
+            new = rng.choice(candidates)
+            if new not in taken:
+                swaps[word] = new
+                taken.add(new)
+                break
+    if len(swaps) < 3:
+        return None
+    for old, new in swaps.items():
+        story = regex.sub(rf"\b{old}\b", new, story)
+        story = regex.sub(rf"\b{old.capitalize()}\b", new.capitalize(), story)
+    chosen = list(swaps.values())
+    return Request("words", rng.choice(WORDS_PHRASINGS).format(join_words(chosen)), story, chosen)
+
+
+def _request_for(story: str, rng: random.Random, first: bool, checkable_weight: float,
+                 makers: dict[str, Callable] = REQUEST_MAKERS) -> tuple[str, str]:
     """One task derived from the story alone: (request, reply), the reply taken from it. A
     request whose content a reply can be checked against is checkable_weight times as likely
     as a plain one."""
-    tasks = [request for make in REQUEST_MAKERS.values() if (request := make(story, rng)) is not None]
+    tasks = [request for make in makers.values() if (request := make(story, rng)) is not None]
     tasks.append(Request("plain", rng.choice(PLAIN_PHRASINGS if first else ANOTHER_PHRASINGS), story, []))
     (chosen,) = rng.choices(tasks, weights=[1.0 if task.kind == "plain" else checkable_weight for task in tasks])
     return chosen.text, chosen.reply
 
 
 def conversations_from_stories(stories: list[str], seed: int = 0, multi_turn: float = 0.3, system: float = 0.3,
-                               checkable_weight: float = 3.0) -> list[list[dict]]:
+                               checkable_weight: float = 3.0, swapped_words: float = 0.0) -> list[list[dict]]:
     """Conversations made from plain stories only, every reply a piece of a real story:
     "Tell me a story about <a character>", "Write a story that uses the words <three of its
     words>", "Continue this story: <its opening sentences>" (the reply is the rest), or a plain
-    request (checkable requests checkable_weight times as likely). A share become two-turn (a
-    second request answered by the next story), and a share start with a system prompt. Seeded."""
+    request (checkable requests checkable_weight times as likely). A share swapped_words of
+    the words requests ask for words swapped into the story (swapped_words_request). A share
+    become two-turn (a second request answered by the next story), and a share start with a
+    system prompt. Seeded."""
     rng = random.Random(seed)
+    makers = dict(REQUEST_MAKERS)
+    if swapped_words:
+        pool = things_by_ending(stories)
+        makers["words"] = lambda story, rng: (swapped_words_request(story, rng, pool) if rng.random() < swapped_words
+                                              else words_request(story, rng))
     conversations = []
     for index, story in enumerate(stories):
         messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < system else []
-        request, reply = _request_for(story, rng, True, checkable_weight)
+        request, reply = _request_for(story, rng, True, checkable_weight, makers)
         messages += [{"role": "user", "content": request}, {"role": "assistant", "content": reply}]
         if rng.random() < multi_turn and len(stories) > 1:
-            request, reply = _request_for(stories[(index + 1) % len(stories)], rng, False, checkable_weight)
+            request, reply = _request_for(stories[(index + 1) % len(stories)], rng, False, checkable_weight, makers)
             messages += [{"role": "user", "content": request}, {"role": "assistant", "content": reply}]
         conversations.append(messages)
     return conversations

@@ -134,6 +134,7 @@ FLOAT_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
     "checkable_weight": (lambda v: v >= 0, "0 or more"),
     "words_lines": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "swapped_words": (lambda v: 0 <= v <= 1, "in [0, 1]"),
 }
 AT_LEAST_ONE = ("batch_size", "gradient_accumulation_steps", "eval_interval", "block_size")
 # (These tables also hold the scripts' own data flags; each is checked where a script has it.)
@@ -346,8 +347,8 @@ def log(run: Run, message: str) -> None:
 RESUME_MUST_KEEP = ("dataset", "val_dataset", "val_fraction", "text_column", "block_size", "batch_size",
                     "gradient_accumulation_steps", "seed", "max_train_stories", "max_val_stories",
                     "calibration_stories", "words_lines", "from_stories", "base_model", "requests", "checkable_weight",
-                    "select_requests", "select_stories", "max_train_conversations", "max_val_conversations",
-                    "processes")
+                    "swapped_words", "select_requests", "select_stories", "max_train_conversations",
+                    "max_val_conversations", "processes")
 
 
 def check_resumed_flags(run: Run, saved: dict, path: Path) -> None:

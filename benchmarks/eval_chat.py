@@ -11,7 +11,9 @@ request-following per request type (request_following.follow_rates) on requests 
 validation stories of --data, with the replies sampled at the chat REPL's defaults, and the
 assistant-only validation loss on conversations built from the same stories as
 train_tinystories_chat_model.py --from_stories builds them. Every "followed" share
-sits beside its control: the same check against another request's content. The last row,
+sits beside its control: the same check against another request's content. Each words row is
+followed by an "each word" row: the mean share of the three words a reply holds (and of the
+control's), which shows progress before all three words do. The last row,
 "words line", asks for the words without the chat, in front of a story ("Words: a, b,
 c\nStory:"): what a base model pretrained with --words_lines has learned.
 
@@ -115,6 +117,9 @@ def table(results: dict[str, dict]) -> str:
         rates = [results[n]["rates"][label] for n in names]
         lines.append(row([label, str(entry["requests"]),
                           *(f"{rate[c]:.0%}" for rate in rates for c in ("followed", "control"))]))
+        if "each word" in entry:  # words requests: the share of the words used, as well as all three
+            lines.append(row([f"{label}: each word", str(entry["requests"]),
+                              *(f"{rate[c]:.0%}" for rate in rates for c in ("each word", "each word control"))]))
     losses = [results[n]["loss"] for n in names]
     lines.append(row(["assistant-only val loss (bits/byte)", "",
                       *(cell for loss in losses for cell in (f"{loss['val_loss']:.4f} ({loss['val_bits_per_byte']:.4f})",

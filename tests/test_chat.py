@@ -34,6 +34,11 @@ from tinystories_data import (
     instruct_entries,
     load_conversations,
     parse_instruct_entry,
+    story_words,
+    swapped_words_request,
+    things_by_ending,
+    things_in,
+    word_ending,
 )
 from train_tinystories_model import main as pretrain
 from transformer_model import TransformerConfig, TransformerLM, load_checkpoint, save_checkpoint
@@ -173,6 +178,36 @@ def test_conversations_built_from_stories_are_valid_and_answer_from_the_story():
     assert len(kinds) >= 4  # several kinds of request
     uses = [m for c in conversations for m in c if "the words" in m["content"]]
     assert uses
+
+
+def test_a_swapped_words_request_asks_for_words_put_in_place_of_three_of_the_storys_own():
+    tale = ("Once upon a time, Lily had a red ball. She was running in the garden with her ball. "
+            "Garden flowers were happy. The dog jumped and barked loudly. The flowers were pretty.")
+    assert things_in(tale) == ["ball", "garden", "flowers"]  # the content words after a determiner
+    pool = things_by_ending([tale, "A kite and a boat. The frog hopped. The cakes and the toys were sweet.",
+                             "A rocket, a pond, a bench, a shoe, a hill and some trees."])
+    for seed in range(20):
+        request = swapped_words_request(tale, random.Random(seed), pool)
+        assert request.kind == "words" and len(set(request.content)) == 3
+        assert not set(request.content) & set(story_words(tale))  # words the original story does not hold
+        assert set(request.content) <= {word for words in pool.values() for word in words}
+        assert all(re.search(rf"\b{word}\b", request.reply, re.I) for word in request.content)
+        assert all(word in request.text for word in request.content)
+        gone = set(story_words(tale)) - set(story_words(request.reply))
+        assert len(gone) == 3 and sorted(map(word_ending, gone)) == sorted(map(word_ending, request.content))
+        assert not any(re.search(rf"\b{word}\b", request.reply, re.I) for word in gone)  # capitalised too
+
+
+def test_swapped_words_are_a_share_of_the_words_requests_and_none_by_default():
+    rng = random.Random(3)
+    things = ["kite", "ball", "cake", "boat", "tree", "house", "garden", "rocket", "apple", "shell", "bench", "drum"]
+    stories = [f"{story(rng)} The {a} was near the {b}, and the {c} was red." for a, b, c in
+               (rng.sample(things, 3) for _ in range(200))]
+    assert conversations_from_stories(stories, seed=4, swapped_words=0.0) == conversations_from_stories(stories, seed=4)
+    swapped = conversations_from_stories(stories, seed=4, swapped_words=1.0, multi_turn=0, system=0)
+    words = [c for c in swapped if "words" in c[0]["content"]]
+    assert words and not any(c[1]["content"] in s for c in words for s in stories)  # each a changed story
+    assert all(any(c[1]["content"] in s for s in stories) for c in swapped if "words" not in c[0]["content"])
 
 
 def test_long_conversations_lose_their_oldest_turns_but_keep_the_system_prompt(tokenizer):

@@ -19,6 +19,7 @@ from request_following import (
     run_request_tests,
     summarize,
     words_line_rates,
+    words_share,
 )
 from test_transformer_model import tiny_model
 
@@ -87,6 +88,13 @@ def test_stories_follow_their_own_requests_and_a_reply_meant_for_another_passes_
     swapped = summarize(tests, conversations([by_content[id(t.control)] for t in tests]))
     for label in swapped:
         assert swapped[label]["control"] == 1.0 and swapped[label]["followed"] == 0.0
+    assert own["words"]["each word"] == 1.0 and swapped["words"]["each word control"] == 1.0
+    assert "each word" not in own["name"]
+
+
+def test_each_word_counts_the_share_of_the_requested_words_a_reply_holds():
+    assert words_share("The Kite flew over the tree.", ["kite", "tree", "apple"]) == 2 / 3
+    assert words_share("A kitten.", ["kite"]) == 0.0  # as words only
 
 
 def test_stories_that_give_no_requests_cannot_be_scored():
@@ -120,6 +128,6 @@ def test_a_words_line_names_the_requested_words_and_is_scored_like_a_words_reque
 
     monkeypatch.setattr(request_following, "sample_continuations", write_with_the_words)
     assert words_line_rates(None, tokenizer, stories, count=10, seed=1) == {
-        "words line": {"requests": 10, "followed": 1.0, "control": 0.0}}
+        "words line": {"requests": 10, "followed": 1.0, "control": 0.0, "each word": 1.0, "each word control": 0.0}}
     words = [test.request.content for test in request_tests(stories, 10, seed=1) if test.label == "words"]
     assert prompted == [f"Words: {', '.join(three)}\nStory:" for three in words]
