@@ -24,15 +24,14 @@ The file, top to bottom:
 - helpers: GPT-2's byte <-> printable character map (bytes_to_unicode, bytes_to_text,
   text_to_bytes), merge_pair (one merge applied to a list of ids), the special-token regex,
   the cache of encoded pre-tokens, check_split_pattern, and pre_tokenizer (the split itself);
-- reading files (writes go through common.write_atomically), and worker processes:
-  map_batches runs a function over a stream of batches on several processes, in order and
-  in bounded memory;
+- reading files (writes go through common.write_atomically); worker processes, for counting
+  and encoding on all cores, are tokenizer_workers.py's;
 - training, the functions BPETokenizer.train calls: count_pre_tokens (the one pass over
-  the text, streamed in batched_texts), then two trainers side by side that learn the same
+  the text, streamed in batches on all cores), then two trainers side by side that learn the same
   merges: learn_merges_simple, the plain one that recounts every pair at every step (read it
   first), and learn_merges, the incremental one that train uses, with its helpers;
-- BPETokenizer: basic facts, encoding (encode, encode_batch, encode_iterable, and
-  encode_to_array / encode_arrays for corpora: flat uint16 arrays, on all cores), the chat
+- BPETokenizer: basic facts, encoding (encode, encode_batch, encode_iterable; whole corpora
+  into flat uint16 arrays are tokenizer_workers.encode_arrays), the chat
   template, decoding, train, and persistence (its own JSON file). GPT-2's files and Hugging
   Face's tokenizer.json are read and written by hf_interop.py.
 """
@@ -42,21 +41,19 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-import multiprocessing
 import os
 import re
-import signal
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import lru_cache, partial
-from itertools import chain, islice, pairwise
+from itertools import chain, pairwise
 from pathlib import Path
 
-import numpy as np
 import regex
 from tqdm.auto import tqdm
 
 from common import write_atomically
+from tokenizer_workers import batched_texts, encode_in_worker, map_batches, pool
 
 # GPT-2's pre-tokenizer: English contractions, letters with an optional leading space,
 # digits with an optional leading space, other symbols with an optional leading space,
@@ -91,9 +88,6 @@ PARALLEL_MIN_CHARS = 4_000_000
 CACHE_MAX_ENTRIES = 500_000
 # encode_iterable encodes its input in blocks of about this many characters.
 STREAM_BLOCK_CHARS = 1 << 16
-# Streams are counted and encoded in batches of about this many characters (a few MB); from
-# two batches on, on several processes.
-BATCH_CHARS = PARALLEL_MIN_CHARS // 2
 
 
 class TokenizerFileError(ValueError):
@@ -216,76 +210,11 @@ def read_text_file(path: str | os.PathLike) -> str:
         raise TokenizerFileError(f"{path}: not a readable text file ({err})") from None
 
 
-# ---------------------------------------------------------------- worker processes
-
-_worker_tokenizer: BPETokenizer | None = None
-
-
-def _init_worker(tokenizer: BPETokenizer | None) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = tokenizer
-    # Ctrl-C reaches every process of the terminal's group: the parent alone handles it (its
-    # pool terminates the workers), so the user sees one message, not a traceback per worker.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _encode_in_worker(text: str, allowed_special: str | Iterable[str]) -> list[int]:
-    return _worker_tokenizer.encode(text, allowed_special)
-
-
-def _encode_array_in_worker(texts: list[str], separator: int | None) -> np.ndarray:
-    return _worker_tokenizer.encode_to_array(texts, separator)
-
-
-def _pool(workers: int, tokenizer: BPETokenizer | None = None) -> multiprocessing.pool.Pool:
-    """A process pool; each worker receives the tokenizer once, not with every task."""
-    return multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
-
-
-def map_batches(local: Callable, in_worker: Callable, batches: Iterable, num_workers: int | None = None,
-                tokenizer: BPETokenizer | None = None) -> Iterator:
-    """[local(batch) for batch in batches], lazily and in order: in this process when there
-    is one batch or one worker, else on worker processes running in_worker (a module-level
-    function, as pickle needs; it finds the tokenizer in _worker_tokenizer).
-
-    At most two batches per worker are in flight, so a stream of any length is read only as
-    fast as the workers use it. (Pool.imap would read the whole stream into its task queue.)"""
-    batches = iter(batches)
-    first = list(islice(batches, 2))
-    workers = num_workers or os.cpu_count() or 1
-    if len(first) < 2 or workers == 1:
-        yield from map(local, chain(first, batches))
-        return
-    with _pool(workers, tokenizer) as pool:
-        pending: deque = deque()
-        for batch in chain(first, batches):
-            pending.append(pool.apply_async(in_worker, (batch,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
 # ------------------------------------------------------------------------ training
 
 def _progress(iterable, show: bool | None, **kwargs) -> tqdm:
     """A tqdm bar: always (True), never (False), or once it has run a second (None)."""
     return tqdm(iterable, disable=show is False, delay=1.0 if show is None else 0.0, **kwargs)
-
-
-def batched_texts(texts: Iterable[str], max_chars: int | None = None) -> Iterator[list[str]]:
-    """Group texts into lists of about max_chars (default BATCH_CHARS) characters."""
-    max_chars = max_chars or BATCH_CHARS
-    batch: list[str] = []
-    size = 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
-        if size >= max_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 def _count_batch(texts: list[str], pattern: str, special_tokens: Sequence[str]) -> Counter:
@@ -636,9 +565,9 @@ class BPETokenizer:
         workers = min(num_workers or os.cpu_count() or 1, len(texts))
         if workers <= 1 or sum(map(len, texts)) < PARALLEL_MIN_CHARS:
             return [self.encode(text, allowed_special) for text in texts]
-        encode = partial(_encode_in_worker, allowed_special=allowed_special)
-        with _pool(workers, self) as pool:
-            return pool.map(encode, texts, chunksize=max(1, len(texts) // (8 * workers)))
+        encode = partial(encode_in_worker, allowed_special=allowed_special)
+        with pool(workers, self) as workers_pool:
+            return workers_pool.map(encode, texts, chunksize=max(1, len(texts) // (8 * workers)))
 
     def encode_iterable(self, iterable: Iterable[str], allowed_special: str | Iterable[str] = "all") -> Iterator[int]:
         """Encode a stream of strings (an open file, a generator of lines) lazily.
@@ -664,34 +593,6 @@ class BPETokenizer:
             yield from self.encode(text[:cut], allowed_special)
             pieces, size = [text[cut:]], len(text) - cut
         yield from self.encode("".join(pieces), allowed_special)
-
-    @property
-    def token_dtype(self) -> type[np.unsignedinteger]:
-        """The smallest NumPy integer that holds every id: uint16 for up to 65,536 tokens
-        (this project's 10k, GPT-2's 50k), else uint32."""
-        return np.uint16 if self.vocab_size <= 2**16 else np.uint32
-
-    def encode_to_array(self, texts: Iterable[str], separator: int | None = None) -> np.ndarray:
-        """Texts encoded as ordinary text (special-token look-alikes stay text), one after the
-        other in one flat array of token_dtype, with the id `separator` after each if given.
-
-            >>> tokenizer.encode_to_array(["Hi.", "Bye."], separator=tokenizer.special_tokens[ENDOFTEXT])
-            array([1704,   46, 9996, 3852,   46, 9996], dtype=uint16)   # the released tokenizer
-        """
-        ids: list[int] = []
-        for text in texts:
-            ids += self._encode_ordinary(text)
-            if separator is not None:
-                ids.append(separator)
-        return np.array(ids, dtype=self.token_dtype)
-
-    def encode_arrays(self, batches: Iterable[list[str]], separator: int | None = None,
-                      num_workers: int | None = None) -> Iterator[np.ndarray]:
-        """encode_to_array of each batch of texts, in order, on num_workers processes
-        (default: all cores). Workers send back compact arrays, not lists of Python ints, and
-        only a few batches are in flight, so a stream of any size encodes in bounded memory."""
-        encode = partial(_encode_array_in_worker, separator=separator)
-        return map_batches(partial(self.encode_to_array, separator=separator), encode, batches, num_workers, self)
 
     def _stable_cut(self, text: str, special_regex: regex.Pattern | None, keep: int) -> int:
         """A position p, as late as is safe, such that text[:p] encodes the same whatever

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from bpe_tokenizer import ENDOFTEXT, BPETokenizer
+from chat_data import fit_conversation
 from common import run_script, write_atomically
 from decoding import LanguageModel, check_sampling, constrained_beam_search, split_words, stream, word_constraints
 from request_following import CHAT_MAX_NEW_TOKENS, CHAT_SAMPLING
 from speedups import filter_top_p_fast, use_few_row_linear
-from tinystories_data import fit_conversation
 from transformer_model import TransformerConfig, load_checkpoint
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "pretrained" / "tinystories_chat.pth")

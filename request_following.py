@@ -4,7 +4,7 @@
     rates = follow_rates(model, tokenizer, validation_stories, per_kind=100)
     rates["words"]  # {"requests": 100, "followed": 0.62, "control": 0.08}
 
-The requests are made from held-out stories by tinystories_data.REQUEST_MAKERS, the makers
+The requests are made from held-out stories by chat_data.REQUEST_MAKERS, the makers
 training uses. The model replies through the chat template at the REPL's default sampling
 (CHAT_SAMPLING), and one check per type (CHECKS) says whether a reply did what was asked:
 - words: the reply holds all three requested words, as words, in any case;
@@ -30,8 +30,9 @@ import random
 import regex
 
 from bpe_tokenizer import ENDOFTEXT, BPETokenizer
+from chat_data import PLAIN_PHRASINGS, REQUEST_MAKERS, Request
 from decoding import LanguageModel, generate
-from tinystories_data import PLAIN_PHRASINGS, REQUEST_MAKERS, Request, words_line
+from tinystories_data import words_line
 
 # The chat REPL's default sampling (chat_with_tinystories_model.py takes its defaults from here).
 CHAT_SAMPLING = {"temperature": 0.7, "top_k": 0, "top_p": 0.95, "repetition_penalty": 1.0}

@@ -15,7 +15,7 @@ Built from stories, the training conversations are made anew every epoch (--requ
 new words, names, cut points, phrasings and system prompts), weighted towards requests a
 reply can be checked against (--checkable_weight); with --swapped_words, a share of the words
 requests ask for words swapped into the story, which the model must copy from the request
-(tinystories_data.swapped_words_request). The best model is the one that follows
+(chat_data.swapped_words_request). The best model is the one that follows
 requests best (request_following.py) on --select_requests requests of each kind, made from
 --select_stories training stories held out for it, asked at every evaluation.
 
@@ -45,18 +45,10 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from bpe_tokenizer import DEFAULT_SPECIAL_TOKENS, BPETokenizer
+from chat_data import ChatExamples, FreshChatExamples, conversations_from_stories, load_conversations
 from common import run_script
 from request_following import CHAT_MAX_NEW_TOKENS, follow_rates, follow_score
-from tinystories_data import (
-    ChatExamples,
-    DataError,
-    FreshChatExamples,
-    SplitNotFoundError,
-    conversations_from_stories,
-    hold_out,
-    load_conversations,
-    load_stories,
-)
+from tinystories_data import DataError, SplitNotFoundError, hold_out, load_stories
 from training import TrainingError, add_training_args, check_training_args, train
 from transformer_model import load_checkpoint
 

@@ -61,8 +61,9 @@ def hf_train_step(corpus: str, output: str) -> None:
 def hf_encode_step(corpus: str, tokenizer_json: str, output: str) -> None:
     from tokenizers import Tokenizer
 
-    from bpe_tokenizer import ENDOFTEXT, batched_texts
+    from bpe_tokenizer import ENDOFTEXT
     from tinystories_data import StorySource
+    from tokenizer_workers import batched_texts
 
     tokenizer = Tokenizer.from_file(tokenizer_json)
     end = tokenizer.token_to_id(ENDOFTEXT)

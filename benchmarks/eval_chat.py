@@ -35,6 +35,7 @@ import torch
 
 from bench_utils import SHARED_DATA, machine_line
 from bpe_tokenizer import ENDOFTEXT
+from chat_data import ChatExamples, conversations_from_stories
 from decoding import constrained_beam_search, word_constraints
 from evaluation import loss_totals, sequential_batches, summarize_losses, token_byte_lengths
 from request_following import (
@@ -46,7 +47,7 @@ from request_following import (
     words_line_rates,
 )
 from speedups import use_few_row_linear
-from tinystories_data import ChatExamples, conversations_from_stories, load_stories
+from tinystories_data import load_stories
 from transformer_model import load_checkpoint
 
 

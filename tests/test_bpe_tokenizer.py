@@ -7,12 +7,14 @@ import random
 import signal
 import tracemalloc
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import bpe_tokenizer
+import tokenizer_workers
 from bpe_tokenizer import (
     DEFAULT_SPECIAL_TOKENS,
     BPETokenizer,
@@ -363,7 +365,7 @@ def test_an_unknown_split_pattern_is_refused_before_it_runs(small_tokenizer, tmp
 
 def test_worker_processes_leave_ctrl_c_to_the_parent():
     """The parent's pool ends the workers; a worker that took Ctrl-C too would print its own traceback."""
-    with bpe_tokenizer._pool(1) as pool:
+    with tokenizer_workers.pool(1) as pool:
         assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
 
 
@@ -480,24 +482,24 @@ def test_the_ascii_pre_tokenizer_agrees_on_every_pair_of_ascii_characters_in_con
 
 def test_encode_arrays_on_processes_equal_encode_with_a_separator(small_tokenizer):
     texts = CORPUS * 30 + TRICKY_TEXTS
-    batches = list(bpe_tokenizer.batched_texts(texts, max_chars=500))
+    batches = list(tokenizer_workers.batched_texts(texts, max_chars=500))
     expected = [token for text in texts for token in [*small_tokenizer.encode(text, "none"), 7]]
     for workers in (1, 2):
-        arrays = list(small_tokenizer.encode_arrays(iter(batches), separator=7, num_workers=workers))
-        assert len(arrays) == len(batches) and all(a.dtype == small_tokenizer.token_dtype for a in arrays)
+        arrays = list(tokenizer_workers.encode_arrays(small_tokenizer, iter(batches), separator=7, num_workers=workers))
+        assert len(arrays) == len(batches) and all(a.dtype == np.uint16 for a in arrays)
         assert [int(t) for a in arrays for t in a] == expected
-    assert small_tokenizer.encode_to_array([]).tolist() == []
+    assert tokenizer_workers.encode_to_array(small_tokenizer, []).tolist() == []
 
 
 def test_counting_a_stream_on_processes_equals_counting_it_here(small_tokenizer):
     texts = CORPUS * 40 + TRICKY_TEXTS
     here = count_pre_tokens(texts, special_tokens=DEFAULT_SPECIAL_TOKENS, num_workers=1)
-    old = bpe_tokenizer.BATCH_CHARS
+    old = tokenizer_workers.BATCH_CHARS
     try:
-        bpe_tokenizer.BATCH_CHARS = 300  # many batches, so the workers really share them
+        tokenizer_workers.BATCH_CHARS = 300  # many batches, so the workers really share them
         streamed = count_pre_tokens(iter(texts), special_tokens=DEFAULT_SPECIAL_TOKENS, num_workers=2)
     finally:
-        bpe_tokenizer.BATCH_CHARS = old
+        tokenizer_workers.BATCH_CHARS = old
     assert streamed == here
 
 
@@ -509,7 +511,7 @@ def test_map_batches_reads_a_stream_only_as_fast_as_the_workers_use_it():
             pulled.append(i)
             yield [str(i)]
 
-    results = bpe_tokenizer.map_batches(len, len, stream(), num_workers=2)
+    results = tokenizer_workers.map_batches(len, len, stream(), num_workers=2)
     assert next(results) == 1
     assert len(pulled) <= 2 * 2 + 1  # two batches per worker in flight, not the whole stream
     assert sum(results) == 999 and len(pulled) == 1000

@@ -15,6 +15,19 @@ import torch.nn.functional as F
 import train_tinystories_chat_model
 import training
 from bpe_tokenizer import BPETokenizer
+from chat_data import (
+    ChatExamples,
+    FreshChatExamples,
+    conversations_from_stories,
+    fit_conversation,
+    instruct_entries,
+    load_conversations,
+    parse_instruct_entry,
+    swapped_words_request,
+    things_by_ending,
+    things_in,
+    word_ending,
+)
 from conftest import REPO
 from helpers import (
     default_stop_signals,
@@ -25,21 +38,7 @@ from helpers import (
     write_story_corpus,
 )
 from test_train_tinystories_model import TINY_MODEL
-from tinystories_data import (
-    ChatExamples,
-    DataError,
-    FreshChatExamples,
-    conversations_from_stories,
-    fit_conversation,
-    instruct_entries,
-    load_conversations,
-    parse_instruct_entry,
-    story_words,
-    swapped_words_request,
-    things_by_ending,
-    things_in,
-    word_ending,
-)
+from tinystories_data import DataError, story_words
 from train_tinystories_model import main as pretrain
 from transformer_model import TransformerConfig, TransformerLM, load_checkpoint, save_checkpoint
 

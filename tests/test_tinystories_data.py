@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import bpe_tokenizer
+import chat_data
 import tinystories_data
+import tokenizer_workers
 from helpers import story_tokenizer, write_story_corpus
 from tinystories_data import (
     DataError,
@@ -215,7 +216,7 @@ def test_a_words_line_names_three_of_the_storys_words_and_parses_back_as_instruc
     marked = list(tinystories_data.add_words_lines(STORIES, share=1.0, seed=0))
     assert marked[2] == STORIES[2]
     for story, text in zip(STORIES[:2], marked[:2], strict=True):
-        entry = tinystories_data.parse_instruct_entry(text)  # TinyStoriesInstruct's own reader
+        entry = chat_data.parse_instruct_entry(text)  # TinyStoriesInstruct's own reader
         assert entry.story == story
         assert len(set(entry.words)) == 3 and set(entry.words) <= set(tinystories_data.story_words(story))
         assert text == f"{tinystories_data.words_line(entry.words)} {story}"
@@ -246,7 +247,7 @@ def test_words_lines_go_into_the_training_stream_only(tmp_path):
 
 def test_encoding_a_streamed_corpus_on_processes_gives_the_ids_of_encoding_it_whole(tmp_path, monkeypatch):
     corpus, tokenizer = write_story_corpus(tmp_path, train=300, valid=1), story_tokenizer(400)
-    monkeypatch.setattr(tinystories_data, "batched_texts", lambda texts: bpe_tokenizer.batched_texts(texts, 2000))
+    monkeypatch.setattr(tinystories_data, "batched_texts", lambda texts: tokenizer_workers.batched_texts(texts, 2000))
     stream = StorySource(str(corpus / "stories_train.txt"))
     whole = []
     for story in load_stories(str(corpus / "stories_train.txt")):
