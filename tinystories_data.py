@@ -275,10 +275,9 @@ class StorySource:
                  sample: int = 0, seed: int = 0):
         self.dataset, self.split, self.text_column, self.sample, self.seed = dataset, split, text_column, sample, seed
         self.text_files, self.table = self._resolve()
-        if self.table is not None and text_column not in self.table.column_names:
-            raise DataError(f"{dataset}: no column {text_column!r} (columns: {self.table.column_names}); pass --text_column")
-        if self.text_files and text_column != "text":
-            raise DataError(f"{dataset}: no column {text_column!r} (columns: ['text']); pass --text_column")
+        columns = self.table.column_names if self.table is not None else ["text"]  # a story file is one "text"
+        if text_column not in columns:
+            raise DataError(f"{dataset}: no column {text_column!r} (columns: {columns}); pass --text_column")
         if self.table is not None and sample and sample < len(self.table):
             self.table = self.table.shuffle(seed=seed).select(range(sample))
         self._sampled: list[str] | None = None
@@ -309,7 +308,7 @@ class StorySource:
         """The sample of a text source: the seeded permutation's first rows, in its order
         (two passes: one to count the rows, one to pick them); all rows when there are fewer."""
         if self._sampled is None:
-            size = sum(f.stat().st_size for f in self.text_files)
+            size = self._file_bytes()
             rows = sum(1 for _ in with_progress(self._rows(), "counting rows to sample from", size))
             shuffled = np.random.default_rng(self.seed).permutation(rows) if self.sample < rows else range(rows)
             order = shuffled[:self.sample]
@@ -332,9 +331,15 @@ class StorySource:
             stories = with_progress(self, f"counting {self.split} stories", self.total_bytes)
             self._sizes = np.fromiter(map(utf8_size, stories), dtype=np.int64)
             if not len(self._sizes):
-                raise DataError(f"{self.dataset}: no stories in split {self.split!r}, column {self.text_column!r} "
-                                "(all empty)")
+                raise self.no_stories()
         return self._sizes
+
+    def no_stories(self) -> DataError:
+        """The error for a split whose stories are all empty."""
+        return DataError(f"{self.dataset}: no stories in split {self.split!r}, column {self.text_column!r} (all empty)")
+
+    def _file_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.text_files)
 
     @property
     def total_bytes(self) -> int:
@@ -342,7 +347,7 @@ class StorySource:
         if self._sizes is not None:
             return int(self._sizes.sum())
         if self.text_files:
-            return sum(f.stat().st_size for f in self.text_files)
+            return self._file_bytes()
         return self.table.data.nbytes * len(self.table) // max(1, len(self.table.data))
 
 
@@ -354,9 +359,10 @@ def load_stories(
     notebooks). sample > 0 returns that many stories drawn at random (seeded; the same seed
     gives the same stories); 0 returns all of them, in order.
     """
-    stories = list(StorySource(dataset, split, text_column, sample, seed))
+    source = StorySource(dataset, split, text_column, sample, seed)
+    stories = list(source)
     if not stories:
-        raise DataError(f"{dataset}: no stories in split {split!r}, column {text_column!r} (all empty)")
+        raise source.no_stories()
     return stories
 
 
@@ -439,21 +445,20 @@ def cached_tokens(cache_dir: str | os.PathLike, key: dict, dtype: type[np.unsign
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"tokens-{name}.bin"
     record = path.with_suffix(".json")
+    itemsize = np.dtype(dtype).itemsize
     if not record.exists():
-        written = {"tokens": 0}
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 for array in build():
                     f.write(array.astype(dtype, copy=False).tobytes())
-                    written["tokens"] += len(array)
 
         write_atomically(path, write, suffix=".bin")
-        text = json.dumps({**key, **written}, indent=1, sort_keys=True) + "\n"
+        text = json.dumps({**key, "tokens": path.stat().st_size // itemsize}, indent=1, sort_keys=True) + "\n"
         write_atomically(record, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     try:
         tokens = json.loads(record.read_text(encoding="utf-8"))["tokens"]
-        if path.stat().st_size != tokens * np.dtype(dtype).itemsize:
+        if path.stat().st_size != tokens * itemsize:
             raise ValueError(f"{path.stat().st_size} bytes, not {tokens} tokens of {np.dtype(dtype).name}")
         return np.memmap(path, dtype=dtype, mode="r") if tokens else np.zeros(0, dtype=dtype)
     except (ValueError, KeyError, TypeError, OSError) as err:  # written atomically, so damaged afterwards
