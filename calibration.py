@@ -51,7 +51,7 @@ def temperature_derivatives(model: nn.Module, dataset: torch.utils.data.Dataset,
     model.eval()
     first = second = 0.0
     for indices in batches:
-        inputs, targets = collate(dataset, indices)
+        inputs, targets, _ = collate(dataset, indices)
         inputs, targets = inputs.to(device), targets.to(device).flatten()  # targets: (batch * seq,)
         with autocast(device, amp_dtype):
             logits = model(inputs).logits  # (batch, seq, vocab)

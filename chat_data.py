@@ -9,9 +9,9 @@ The file, top to bottom:
 - the TinyStoriesInstruct features and the system prompts;
 - loading: check_messages, instruct_entries, parse_instruct_entry (InstructEntry),
   instruct_conversation, load_conversations;
-- requests made from a story (Request; REQUEST_MAKERS: words_request, name_request,
-  continuation_request), each in many phrasings; swapped_words_request, for words the story
-  did not hold (with word_ending, things_in and things_by_ending);
+- requests made from a story (Request; REQUEST_MAKERS: words_request (of request_words),
+  name_request, continuation_request), each in many phrasings; swapped_words_request, for
+  words the story did not hold (with word_ending, things_in, swap_group and swap_pool);
 - conversations_from_stories and fit_conversation;
 - training rows: ChatExamples (the loss is the assistant's alone) and FreshChatExamples
   (conversations built anew every epoch).
@@ -175,9 +175,26 @@ class Request:
     content: list[str]  # what a reply must hold: the three words, the name, or the opening's characters
 
 
+# Words of four letters or more that story_words keeps but that carry no content of their own:
+# a request for "really, down and around" asks for nothing a story could be about.
+FUNCTION_WORDS = frozenset("""about above across after again against almost alone along already always another
+    anyone anything around away back before behind below beside besides between both cannot down during each
+    either else enough even every everyone everything everywhere here herself himself itself later less many
+    maybe more most much must myself near never next nothing once only other others over perhaps quite rather
+    really same since someone something somewhere soon still such than these those though through together
+    toward towards under until well where which while whole whose within without yourself themselves""".split())
+
+
+def request_words(story: str) -> list[str]:
+    """The story's content words (story_words) a user would ask for: no FUNCTION_WORDS, and
+    no stump of a contraction ("didn" of "didn't")."""
+    stumps = set(regex.findall(r"\b([a-z]+n)['’]t\b", story))
+    return [word for word in story_words(story) if word not in FUNCTION_WORDS and word not in stumps]
+
+
 def words_request(story: str, rng: random.Random) -> Request | None:
-    """"Write a story that uses the words X, Y and Z", three of the story's content words."""
-    words = story_words(story)
+    """"Write a story that uses the words X, Y and Z", three of the story's request_words."""
+    words = request_words(story)
     if len(words) < 3:
         return None
     chosen = rng.sample(words, 3)
@@ -217,45 +234,60 @@ def word_ending(word: str) -> str:
     return next((ending for ending in ("ing", "ed", "ly", "s") if word.endswith(ending)), "")
 
 
-def things_in(story: str) -> list[str]:
-    """The story's content words (story_words) that follow a determiner ("the ball", "his
-    red kite"): mostly nouns and adjectives, words that can stand in for one another."""
-    after = set(regex.findall(r"\b(?i:the|a|an|his|her|my|your|their|its|our|some) ([a-z]+)", story))
-    return [word for word in story_words(story) if word in after]
+def things_in(story: str) -> set[str]:
+    """The story's words that follow a determiner ("the ball", "his red kite")."""
+    return set(regex.findall(r"\b(?i:the|a|an|his|her|my|your|their|its|our|some) ([a-z]+)", story))
 
 
-def things_by_ending(stories: list[str]) -> dict[str, list[str]]:
-    """Every story's things_in, grouped by word_ending: a word swapped for another of the same
-    group mostly keeps the sentence grammatical ("kites" for "balls")."""
-    pool: dict[str, list[str]] = {}
-    for word in dict.fromkeys(word for story in stories for word in things_in(story)):
-        pool.setdefault(word_ending(word), []).append(word)
-    return pool
+def swap_group(word: str, things: set[str]) -> tuple[str, str] | None:
+    """Which words a word may be swapped for without breaking its sentence, mostly: a thing
+    (in things_in, "the ball", "his red kite": a noun or an adjective) for a thing
+    of the same word_ending, and an inflected other word ("jumped", "singing", "slowly": a
+    verb or an adverb) for one of the same ending. None for an uninflected other word
+    ("know", "happy"), which may be any part of speech."""
+    ending = word_ending(word)
+    if word in things:
+        return ("thing", ending)
+    return ("other", ending) if ending else None
 
 
-def swapped_words_request(story: str, rng: random.Random, pool: dict[str, list[str]]) -> Request | None:
-    """A words request for three words the story does not hold: three of its things_in are
-    replaced throughout (capitalised too) by words of the same ending from the pool, and the
-    reply is the story so changed.
+def swap_pool(stories: list[str]) -> dict[tuple[str, str], list[str]]:
+    """Every story's request_words, grouped by swap_group."""
+    groups: dict[tuple[str, str], dict[str, None]] = {}  # each group's words, in order, once
+    for story in stories:
+        things = things_in(story)
+        for word in request_words(story):
+            if (group := swap_group(word, things)) is not None:
+                groups.setdefault(group, {})[word] = None
+    return {group: list(words) for group, words in groups.items()}
 
-        "Write a story that uses the words kite, garden and happy."  ->  "... Tom flew his kite ..."
+
+def swapped_words_request(story: str, rng: random.Random, pool: dict[tuple[str, str], list[str]]) -> Request | None:
+    """A words request for three words the story does not hold: three of its request_words
+    are replaced throughout (capitalised too) by words of their swap_group from the pool, and
+    the reply is the story so changed.
+
+        "Write a story that uses the words kite, garden and jumped."  ->  "... Tom flew his kite ..."
 
     After pretraining, a model knows every training story by heart, so a request for a story's
     own words can be answered from memory of the story they key, without reading them. These
     replies it has never seen: their words can only come from the request."""
     things = things_in(story)
-    if len(things) < 3:
+    groups = {word: group for word in request_words(story) if (group := swap_group(word, things)) in pool}
+    if len(groups) < 3:
         return None
     taken = set(story_words(story))
     swaps = {}
-    for word in rng.sample(things, 3):
-        candidates = pool.get(word_ending(word), [])
-        for _ in range(20 if candidates else 0):  # a few draws find a word the story does not hold
+    for word in rng.sample(sorted(groups), len(groups)):  # in a random order, until three are swapped
+        candidates = pool[groups[word]]
+        for _ in range(20):  # a few draws find a word the story does not hold
             new = rng.choice(candidates)
             if new not in taken:
                 swaps[word] = new
                 taken.add(new)
                 break
+        if len(swaps) == 3:
+            break
     if len(swaps) < 3:
         return None
     for old, new in swaps.items():
@@ -266,14 +298,16 @@ def swapped_words_request(story: str, rng: random.Random, pool: dict[str, list[s
 
 
 def _request_for(story: str, rng: random.Random, first: bool, checkable_weight: float,
-                 makers: dict[str, Callable] = REQUEST_MAKERS) -> tuple[str, str]:
-    """One task derived from the story alone: (request, reply), the reply taken from it. A
-    request whose content a reply can be checked against is checkable_weight times as likely
-    as a plain one."""
+                 makers: dict[str, Callable] = REQUEST_MAKERS) -> list[dict]:
+    """One task derived from the story alone: the user's request and the assistant's reply,
+    taken from the story. A request whose content a reply can be checked against is
+    checkable_weight times as likely as a plain one; the reply names that content as
+    "requested" (ChatExamples can stress its tokens in the loss)."""
     tasks = [request for make in makers.values() if (request := make(story, rng)) is not None]
     tasks.append(Request("plain", rng.choice(PLAIN_PHRASINGS if first else ANOTHER_PHRASINGS), story, []))
     (chosen,) = rng.choices(tasks, weights=[1.0 if task.kind == "plain" else checkable_weight for task in tasks])
-    return chosen.text, chosen.reply
+    reply = {"role": "assistant", "content": chosen.reply} | ({"requested": chosen.content} if chosen.content else {})
+    return [{"role": "user", "content": chosen.text}, reply]
 
 
 def conversations_from_stories(stories: list[str], seed: int = 0, multi_turn: float = 0.3, system: float = 0.3,
@@ -288,17 +322,15 @@ def conversations_from_stories(stories: list[str], seed: int = 0, multi_turn: fl
     rng = random.Random(seed)
     makers = dict(REQUEST_MAKERS)
     if swapped_words:
-        pool = things_by_ending(stories)
+        pool = swap_pool(stories)
         makers["words"] = lambda story, rng: (swapped_words_request(story, rng, pool) if rng.random() < swapped_words
                                               else words_request(story, rng))
     conversations = []
     for index, story in enumerate(stories):
         messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < system else []
-        request, reply = _request_for(story, rng, True, checkable_weight, makers)
-        messages += [{"role": "user", "content": request}, {"role": "assistant", "content": reply}]
+        messages += _request_for(story, rng, True, checkable_weight, makers)
         if rng.random() < multi_turn and len(stories) > 1:
-            request, reply = _request_for(stories[(index + 1) % len(stories)], rng, False, checkable_weight, makers)
-            messages += [{"role": "user", "content": request}, {"role": "assistant", "content": reply}]
+            messages += _request_for(stories[(index + 1) % len(stories)], rng, False, checkable_weight, makers)
         conversations.append(messages)
     return conversations
 
@@ -322,37 +354,76 @@ def fit_conversation(messages: list[dict], tokenizer: BPETokenizer, max_tokens: 
     return kept, dropped
 
 
-class ChatExamples(torch.utils.data.Dataset):
-    """Conversations as training rows of block_size tokens: (inputs, targets) with targets
-    -100 everywhere but on assistant tokens, so the loss is the assistant's alone. One
-    conversation per row, padded at the end with <|endoftext|>, so attention never crosses
-    from one conversation into another. Too long a conversation loses its oldest turns
-    first (truncated_turns counts them); what still does not fit is cut at the end."""
+def requested_tokens(tokenizer: BPETokenizer, reply: str, requested: list[str]) -> list[int]:
+    """The indices of the reply's tokens (tokenizer.encode(reply)) that spell the first use
+    of each requested item (as a word, in any case): the tokens that show the request was
+    followed, where a model must read the request to be right.
 
-    def __init__(self, conversations: list[list[dict]], tokenizer: BPETokenizer, block_size: int):
+        "Use the words kite and sun." -> "Tom had a red kite. The sun ..." -> the tokens " kite", " sun"
+    """
+    spans, end = [], 0  # each token's [start, end) in the reply's UTF-8 bytes
+    for token in tokenizer.encode(reply, allowed_special="none"):
+        spans.append((end, end + len(tokenizer.vocab[token])))
+        end += len(tokenizer.vocab[token])
+    indices = set()
+    for item in requested:
+        found = regex.search(rf"\b{regex.escape(item)}\b", reply, flags=regex.IGNORECASE)
+        if found:
+            first, last = len(reply[: found.start()].encode()), len(reply[: found.end()].encode())
+            indices.update(k for k, (start, end) in enumerate(spans) if start < last and end > first)
+    return sorted(indices)
+
+
+def token_weights(tokenizer: BPETokenizer, messages: list[dict], mask: list[bool], requested_weight: float) -> list[float]:
+    """Each token's weight in the loss, for the template's ids of messages and their mask:
+    0 outside the assistant's turns, 1 in them, and requested_weight on the tokens of a
+    reply that spell what its request asked for (requested_tokens of its "requested")."""
+    weights = [float(keep) for keep in mask]
+    replies = iter(message for message in messages if message["role"] == "assistant")
+    for start in range(len(mask)):
+        if mask[start] and (start == 0 or not mask[start - 1]):  # each reply starts a run of assistant tokens
+            reply = next(replies)
+            for index in requested_tokens(tokenizer, reply["content"], reply.get("requested", [])):
+                weights[start + index] = requested_weight
+    return weights
+
+
+class ChatExamples(torch.utils.data.Dataset):
+    """Conversations as training rows of block_size tokens: (inputs, targets, loss weights)
+    with targets -100 everywhere but on assistant tokens, so the loss is the assistant's
+    alone. The tokens that show a request was followed weigh requested_weight in it, the
+    others 1 (token_weights). One conversation per row, padded at the end with
+    <|endoftext|>, so attention never crosses from one conversation into another. Too long a
+    conversation loses its oldest turns first (truncated_turns counts them); what still does
+    not fit is cut at the end."""
+
+    def __init__(self, conversations: list[list[dict]], tokenizer: BPETokenizer, block_size: int,
+                 requested_weight: float = 1.0):
         pad = tokenizer.special_tokens[ENDOFTEXT]
-        rows, targets = [], []
+        rows, targets, weights = [], [], []
         self.truncated_turns = self.cut_conversations = 0
         for messages in conversations:
             messages, dropped = fit_conversation(messages, tokenizer, block_size + 1)
             self.truncated_turns += dropped
             ids, mask = tokenizer.apply_chat_template(messages, return_mask=True)
+            weight = token_weights(tokenizer, messages, mask, requested_weight)
             if len(ids) > block_size + 1:
                 self.cut_conversations += 1
-                ids, mask = ids[: block_size + 1], mask[: block_size + 1]
+                ids, mask, weight = ids[: block_size + 1], mask[: block_size + 1], weight[: block_size + 1]
             padding = block_size + 1 - len(ids)
-            ids, mask = ids + [pad] * padding, mask + [False] * padding
+            ids, mask, weight = ids + [pad] * padding, mask + [False] * padding, weight + [0.0] * padding
             rows.append(ids[:-1])
             targets.append([token if keep else -100 for token, keep in zip(ids[1:], mask[1:], strict=True)])
+            weights.append(weight[1:])
         if not rows:
             raise DataError("no conversations to train on")
-        self.inputs, self.targets = torch.tensor(rows), torch.tensor(targets)
+        self.inputs, self.targets, self.weights = torch.tensor(rows), torch.tensor(targets), torch.tensor(weights)
 
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inputs[index], self.targets[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.targets[index], self.weights[index]
 
 
 class FreshChatExamples(torch.utils.data.Dataset):
@@ -362,8 +433,10 @@ class FreshChatExamples(torch.utils.data.Dataset):
     and cannot learn a request by heart. The training loop calls set_epoch, as it does for
     TokenWindows; an epoch's rows depend on its number alone, so --resume reads the same rows."""
 
-    def __init__(self, stories: list[str], tokenizer: BPETokenizer, block_size: int, seed: int = 0, **building):
+    def __init__(self, stories: list[str], tokenizer: BPETokenizer, block_size: int, seed: int = 0,
+                 requested_weight: float = 1.0, **building):
         self.stories, self.tokenizer, self.block_size, self.seed = stories, tokenizer, block_size, seed
+        self.requested_weight = requested_weight
         self.building = building  # conversations_from_stories's other settings
         self.epoch = -1
         self.set_epoch(0)
@@ -371,11 +444,11 @@ class FreshChatExamples(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.conversations = conversations_from_stories(self.stories, self.seed * 1_000_003 + epoch, **self.building)
-            self.examples = ChatExamples(self.conversations, self.tokenizer, self.block_size)
+            self.examples = ChatExamples(self.conversations, self.tokenizer, self.block_size, self.requested_weight)
             self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.examples[index]

@@ -34,10 +34,12 @@ def token_byte_lengths(tokenizer: BPETokenizer) -> torch.Tensor:
     return torch.tensor([len(tokenizer.vocab[i]) for i in range(tokenizer.vocab_size)], dtype=torch.float64)
 
 
-def collate(dataset: torch.utils.data.Dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The items at indices, stacked: (inputs, targets), each (len(indices), seq)."""
-    inputs, targets = zip(*(dataset[i] for i in indices), strict=True)
-    return torch.stack(inputs), torch.stack(targets)
+def collate(dataset: torch.utils.data.Dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The items at indices, stacked: (inputs, targets, loss weights), each (len(indices),
+    seq). Chat rows (chat_data.ChatExamples) bring their weights; items of two parts weigh
+    each counted target (not -100) 1 and the others 0."""
+    parts = [torch.stack(part) for part in zip(*(dataset[i] for i in indices), strict=True)]
+    return parts[0], parts[1], parts[2] if len(parts) > 2 else (parts[1] != -100).float()
 
 
 def sequential_batches(count: int, batch_size: int) -> list[list[int]]:
@@ -58,7 +60,7 @@ def loss_totals(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch
     model.eval()
     nats = tokens = text_bytes = 0.0
     for indices in batches:
-        inputs, targets = collate(dataset, indices)
+        inputs, targets, _ = collate(dataset, indices)  # the plain loss: every target alike
         inputs, targets = inputs.to(device), targets.to(device).flatten()  # targets: (batch * seq,)
         with autocast(device, amp_dtype):
             logits = model(inputs).logits  # (batch, seq, vocab)

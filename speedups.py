@@ -144,19 +144,22 @@ def use_few_row_linear(model: TransformerLM) -> TransformerLM:
 # ------------------------------------------------------------------- 2. the chunked loss
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """cross_entropy(hidden @ weight^T, targets), mean over targets that are not -100,
-    computed a chunk of rows at a time: the (tokens, vocab) logits never exist in full, and
-    the gradients are made in the same pass, where each chunk's logits are still at hand:
-    d loss / d logits = (softmax(logits) - onehot(target)) / number of targets."""
+    """cross_entropy(hidden @ weight^T, targets), the mean over targets that are not -100,
+    each counted by its loss weight, computed a chunk of rows at a time: the (tokens, vocab)
+    logits never exist in full, and the gradients are made in the same pass, where each
+    chunk's logits are still at hand:
+    d loss / d logits = (softmax(logits) - onehot(target)) x its weight / the weights' sum."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows):
+    def forward(ctx, hidden, weight, targets, loss_weights, chunk_rows):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         with torch.autocast(device, enabled=False):
             x, w = hidden.to(dtype), weight.to(dtype)
-            counted = targets != -100
-            count = counted.sum().clamp(min=1)
+            counted = (targets != -100).float()  # each target's weight: 0 for one left out
+            if loss_weights is not None:
+                counted = counted * loss_weights.float()
+            count = counted.sum().clamp(min=torch.finfo(torch.float32).tiny)  # 0 / tiny = 0 when none count
             safe_targets = targets.clamp(min=0)
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_hidden = torch.empty_like(x)
@@ -182,28 +185,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_rows: int = 256) -> torch.Tensor:
+                         loss_weights: torch.Tensor | None = None, chunk_rows: int = 256) -> torch.Tensor:
     """Mean cross-entropy of the logits hidden @ weight^T (hidden (tokens, hidden_size),
-    weight (vocab, hidden_size), targets (tokens,), -100 ignored) without building them all.
-    Same value and gradients as F.cross_entropy(F.linear(hidden, weight), targets); about a
-    third less time and memory for the LM head in training. (0, not NaN, when every target
-    is ignored.)"""
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+    weight (vocab, hidden_size), targets (tokens,), -100 ignored, loss_weights (tokens,) or
+    None) without building them all. Same value and gradients as LMHead's loss on
+    F.linear(hidden, weight); about a third less time and memory for the LM head in
+    training. (0, not NaN, when every target is ignored and there are no weights.)"""
+    return _LinearCrossEntropy.apply(hidden, weight, targets, loss_weights, chunk_rows)
 
 
 class ChunkedLossLMHead(LMHead):
     """LMHead that, when training (targets given, gradients on), returns the loss from
     linear_cross_entropy and no logits; otherwise the plain head."""
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor,
-                targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None,
+                loss_weights: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if targets is None or not torch.is_grad_enabled():
-            return super().forward(x, weight, targets)
-        return None, linear_cross_entropy(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1))
+            return super().forward(x, weight, targets, loss_weights)
+        flat_weights = None if loss_weights is None else loss_weights.reshape(-1)
+        return None, linear_cross_entropy(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), flat_weights)
 
 
 def use_chunked_loss(model: TransformerLM) -> TransformerLM:

@@ -15,7 +15,8 @@ Built from stories, the training conversations are made anew every epoch (--requ
 new words, names, cut points, phrasings and system prompts), weighted towards requests a
 reply can be checked against (--checkable_weight); with --swapped_words, a share of the words
 requests ask for words swapped into the story, which the model must copy from the request
-(chat_data.swapped_words_request). The best model is the one that follows
+(chat_data.swapped_words_request). --requested_weight stresses, in the loss, the reply's
+tokens that show a request was followed (chat_data.requested_tokens). The best model is the one that follows
 requests best (request_following.py) on --select_requests requests of each kind, made from
 --select_stories training stories held out for it, asked at every evaluation.
 
@@ -70,9 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="fresh: new requests every epoch (default); fixed: one set built once")
     built.add_argument("--checkable_weight", type=float, default=3.0,
                        help="how much likelier a checkable request (words, name, continuation) is than a plain one")
-    built.add_argument("--swapped_words", type=float, default=0.0,
+    built.add_argument("--swapped_words", type=float, default=1.0,
                        help="the share of words requests whose words are swapped into the story, so that the reply "
                             "cannot come from memory of a pretraining story (0 to 1)")
+    built.add_argument("--requested_weight", type=float, default=20.0,
+                       help="how much a reply's tokens that show its request was followed (the first use of each "
+                            "requested word, name or character) weigh in the loss; every other token weighs 1")
     built.add_argument("--select_requests", type=int, default=10,
                        help="choose the best model (and stop early) on request-following: this many requests of "
                             "each kind, asked at each evaluation (0: on the validation loss)")
@@ -133,12 +137,13 @@ def training_rows(args: argparse.Namespace, tokenizer: BPETokenizer,
                                             checkable_weight=args.checkable_weight)
     if args.requests == "fresh":
         train_data = FreshChatExamples(sets["train"], tokenizer, args.block_size, seed=args.seed,
+                                       requested_weight=args.requested_weight,
                                        checkable_weight=args.checkable_weight, swapped_words=args.swapped_words)
         train = train_data.conversations
     else:
         train = conversations_from_stories(sets["train"], seed=args.seed, checkable_weight=args.checkable_weight,
                                            swapped_words=args.swapped_words)
-        train_data = ChatExamples(train, tokenizer, args.block_size)
+        train_data = ChatExamples(train, tokenizer, args.block_size, args.requested_weight)
     return train_data, ChatExamples(validation, tokenizer, args.block_size), {"train": train, "validation": validation}
 
 

@@ -135,6 +135,7 @@ FLOAT_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "checkable_weight": (lambda v: v >= 0, "0 or more"),
     "words_lines": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "swapped_words": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "requested_weight": (lambda v: v >= 0, "0 or more"),
 }
 AT_LEAST_ONE = ("batch_size", "gradient_accumulation_steps", "eval_interval", "block_size")
 # (These tables also hold the scripts' own data flags; each is checked where a script has it.)
@@ -347,7 +348,7 @@ def log(run: Run, message: str) -> None:
 RESUME_MUST_KEEP = ("dataset", "val_dataset", "val_fraction", "text_column", "block_size", "batch_size",
                     "gradient_accumulation_steps", "seed", "max_train_stories", "max_val_stories",
                     "calibration_stories", "words_lines", "from_stories", "base_model", "requests", "checkable_weight",
-                    "swapped_words", "select_requests", "select_stories", "max_train_conversations",
+                    "swapped_words", "requested_weight", "select_requests", "select_stories", "max_train_conversations",
                     "max_val_conversations", "processes")
 
 
@@ -476,10 +477,10 @@ def diverged(run: Run, what: str) -> TrainingError:
 def train_step(run: Run) -> tuple[float, float]:
     """One optimizer step over gradient_accumulation_steps micro-batches; returns (loss, the
     gradient norm before clipping). A micro-batch's loss is the mean over its targets (those
-    not -100), so it is weighted by its share of the targets of the whole effective batch
-    (batch_size x accumulation x processes): the summed gradients are then those of the mean
-    loss over all of them, even when targets are uneven across micro-batches (chat trains on
-    assistant tokens only)."""
+    not -100, each counted by its loss weight), so it is weighted by its share of the targets
+    of the whole effective batch (batch_size x accumulation x processes): the summed gradients
+    are then those of the mean loss over all of them, even when targets are uneven across
+    micro-batches (chat trains on assistant tokens only)."""
     args, state = run.args, run.state
     # Read the micro-batches first, to count their targets.
     micro_batches = []
@@ -488,17 +489,17 @@ def train_step(run: Run) -> tuple[float, float]:
         if hasattr(run.train_data, "set_epoch"):  # TokenWindows cut the stream afresh each epoch
             run.train_data.set_epoch(run.batches.epoch)
         micro_batches.append(collate(run.train_data, indices))
-    counts = [int((targets != -100).sum()) for _, targets in micro_batches]
+    counts = [float(weights[targets != -100].sum()) for _, targets, weights in micro_batches]
     # DDP averages the processes' gradients, so a process's mean target count is the unit.
     mean_count = max(run.dist.sum([float(sum(counts))], run.device)[0] / run.dist.world_size, 1.0)
     total = 0.0
-    for micro, ((inputs, targets), count) in enumerate(zip(micro_batches, counts, strict=True)):
+    for micro, ((inputs, targets, weights), count) in enumerate(zip(micro_batches, counts, strict=True)):
         state["tokens"] += inputs.numel() * run.dist.world_size
-        inputs, targets = inputs.to(run.device), targets.to(run.device)  # (batch, block_size) each
+        inputs, targets, weights = inputs.to(run.device), targets.to(run.device), weights.to(run.device)  # (batch, block_size)
         # DDP syncs gradients on the last micro-batch only; the others accumulate locally.
         sync = micro == len(micro_batches) - 1 or run.dist.world_size == 1
         with contextlib.nullcontext() if sync else run.model.no_sync(), autocast(run.device, run.amp_dtype):
-            loss = run.model(inputs, targets=targets).loss * (count / mean_count)
+            loss = run.model(inputs, targets=targets, loss_weights=weights).loss * (count / mean_count)
         if not torch.isfinite(loss):
             raise diverged(run, f"the loss became {loss.item()} at step {state['step'] + 1}")
         run.scaler.scale(loss).backward()  # fp16: scaled up so small gradients do not underflow

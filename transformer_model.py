@@ -423,7 +423,9 @@ class TransformerBlock(nn.Module):
 class LMHead(nn.Module):
     """The output layer: final hidden states (batch, seq, hidden) -> next-token logits
     (batch, seq, vocab), and the mean cross-entropy against targets when they are given
-    (-100 marks a target left out). Tied (GPT-2's choice, the default), the weight is the
+    (-100 marks a target left out). With loss_weights (batch, seq), a weighted mean: each
+    target counts its weight (chat tuning stresses the tokens that show a request was
+    followed, chat_data.ChatExamples). Tied (GPT-2's choice, the default), the weight is the
     token embedding matrix, handed in by the model, and this layer holds none of its own.
     (speedups swaps in layers with the same call that compute the same values faster.)"""
 
@@ -436,15 +438,19 @@ class LMHead(nn.Module):
         """One score per token of the vocabulary: x @ weight^T."""
         return F.linear(x, weight)
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor,
-                targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None,
+                loss_weights: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         logits = self.logits(x, weight)  # (batch, seq, vocab)
         if targets is None:
             return logits, None
         # Mean over the counted targets of -log softmax(logits)[target], in float32:
         # (batch * seq, vocab) logits against (batch * seq,) targets.
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        scores, targets = logits.float().view(-1, logits.size(-1)), targets.reshape(-1)
+        if loss_weights is None:
+            return logits, F.cross_entropy(scores, targets, ignore_index=-100)
+        losses = F.cross_entropy(scores, targets, ignore_index=-100, reduction="none")  # (batch * seq,)
+        weights = loss_weights.reshape(-1).float() * (targets != -100)
+        return logits, (losses * weights).sum() / weights.sum()
 
 
 # ----------------------------------------------------------------------------- 5. model
@@ -538,10 +544,12 @@ class TransformerLM(nn.Module):
         use_cache: bool = False,
         output_attentions: bool = False,
         attention_mask: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
     ) -> LMOutput:
         """input_ids (batch, seq) -> LMOutput.
 
         targets (batch, seq): next-token ids; -100 marks positions left out of the loss.
+        loss_weights (batch, seq): how much each target counts in the loss (default: alike).
         past_key_values / use_cache: continue from (and return) a KVCache; the new tokens
         follow the cached ones. attention_mask (batch, seq): 1 for tokens, 0 for (left)
         padding; positions count real tokens only, and the cache remembers the mask.
@@ -560,7 +568,7 @@ class TransformerLM(nn.Module):
             attentions.append(weights)
         x = self.final_norm(x)
         # Scores for every next token at every position, and the loss against the targets.
-        logits, loss = self.lm_head(x, self.head_weight, targets)  # (batch, seq, vocab)
+        logits, loss = self.lm_head(x, self.head_weight, targets, loss_weights)  # (batch, seq, vocab)
         return LMOutput(logits, loss, cache, tuple(attentions) if output_attentions else None)
 
     def embed(self, input_ids: torch.Tensor, cache: KVCache | None, attention_mask: torch.Tensor | None,

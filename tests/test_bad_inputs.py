@@ -39,6 +39,7 @@ CASES = [  # (script, the bad flag, the words of its line, exit status: 2 for ar
     ("train_tinystories_model.py", "--words_lines 1.5", "--words_lines must be in [0, 1], not 1.5", 2),
     ("train_tinystories_chat_model.py", "--checkable_weight inf", "--checkable_weight must be 0 or more, not inf", 2),
     ("train_tinystories_chat_model.py", "--swapped_words 1.5", "--swapped_words must be in [0, 1], not 1.5", 2),
+    ("train_tinystories_chat_model.py", "--requested_weight -1", "--requested_weight must be 0 or more, not -1", 2),
     ("train_tinystories_chat_model.py", "--max_train_conversations -3", "--max_train_conversations must be 0 or", 2),
     ("train_tinystories_chat_model.py", "--val_fraction nan", "--val_fraction must be in (0, 1), not nan", 2),
     ("generate_tinystories_text.py", "--temperature nan", "--temperature must be a finite number >= 0", 2),

@@ -1,6 +1,7 @@
 """Chat: the template and its loss mask, conversation data (hub format, TinyStoriesInstruct,
 built from stories), assistant-only fine-tuning, and the terminal REPL."""
 
+import itertools
 import json
 import random
 import re
@@ -23,10 +24,14 @@ from chat_data import (
     instruct_entries,
     load_conversations,
     parse_instruct_entry,
+    request_words,
+    requested_tokens,
+    swap_group,
+    swap_pool,
     swapped_words_request,
-    things_by_ending,
     things_in,
     word_ending,
+    words_request,
 )
 from conftest import REPO
 from helpers import (
@@ -37,6 +42,7 @@ from helpers import (
     story_tokenizer,
     write_story_corpus,
 )
+from speedups import use_chunked_loss
 from test_train_tinystories_model import TINY_MODEL
 from tinystories_data import DataError, story_words
 from train_tinystories_model import main as pretrain
@@ -179,12 +185,71 @@ def test_conversations_built_from_stories_are_valid_and_answer_from_the_story():
     assert uses
 
 
+def test_each_built_reply_names_what_its_request_asked_for():
+    rng = random.Random(3)
+    tales = [f"Once upon a time, {name} had a ball. One day, {name} lost it in the park. Then {name} found it. "
+             "The ball was red. The end." for name in (rng.choice(["Lily", "Tom", "Ben"]) for _ in range(60))]
+    conversations = conversations_from_stories(tales, seed=0, multi_turn=0.5)
+    kinds = set()
+    for messages in conversations:
+        for request, reply in itertools.pairwise(messages):
+            if reply["role"] == "assistant" and "requested" in reply:
+                kinds.add(len(reply["requested"]))
+                assert reply["requested"] and all(item in request["content"] for item in reply["requested"])
+                assert all(re.search(rf"\b{item}\b", reply["content"], re.I) for item in reply["requested"])
+    assert 3 in kinds and 1 in kinds  # words requests, and names or openings
+
+
+def spans_by_prefix(tokenizer, ids: list[int], start: int, end: int) -> list[int]:
+    """Brute force: the tokens whose decoded prefix text reaches into reply[start:end]."""
+    return [k for k in range(len(ids))
+            if len(tokenizer.decode(ids[: k + 1])) > start and len(tokenizer.decode(ids[:k])) < end]
+
+
+def test_requested_tokens_spell_the_first_use_of_each_item_as_a_word_in_any_case(tokenizer):
+    reply = "Tom could not catch it. The Cat sat on a hat. Then the cat and the hat were happy."
+    ids = tokenizer.encode(reply, allowed_special="none")
+    expected = sorted(set(spans_by_prefix(tokenizer, ids, reply.index("Cat"), reply.index("Cat") + 3)
+                          + spans_by_prefix(tokenizer, ids, reply.index("hat"), reply.index("hat") + 3)))
+    assert requested_tokens(tokenizer, reply, ["cat", "hat", "zebra"]) == expected  # not "catch"; zebra is absent
+    assert "".join(tokenizer.decode([ids[k]]) for k in expected).split() == ["Cat", "hat"]
+    assert requested_tokens(tokenizer, reply, []) == []
+
+
+def test_chat_rows_weigh_the_requested_tokens_and_nothing_outside_the_replies(tokenizer):
+    asked = [{"role": "user", "content": "A story about Tom, please."},
+             {"role": "assistant", "content": "Tom had a hat. Tom was happy.", "requested": ["Tom"]}]
+    plain = ChatExamples([asked], tokenizer, block_size=48)
+    weighted = ChatExamples([asked], tokenizer, block_size=48, requested_weight=5.0)
+    _, targets, weights = plain[0]
+    assert torch.equal(weights, (targets != -100).float())  # by default every assistant token counts alike
+    _, targets, weights = weighted[0]
+    reply_start = int((targets != -100).nonzero()[0])  # the row's targets are the ids shifted by one
+    stressed = [reply_start + k for k in requested_tokens(tokenizer, asked[1]["content"], ["Tom"])]
+    assert (weights[stressed] == 5.0).all() and len(stressed) >= 1
+    assert tokenizer.decode(targets[stressed].tolist()) == "Tom"  # the first Tom, not the second
+    others = torch.ones_like(weights, dtype=torch.bool)
+    others[stressed] = False
+    assert torch.equal(weights[others], (targets[others] != -100).float())
+
+
+def test_words_requests_ask_for_content_words_not_function_words_or_contraction_stumps():
+    tale = "Lily didn't like the dog's ball. She really wanted a kite, and she ran around until dark. Lily smiled."
+    assert request_words(tale) == ["ball", "wanted", "kite", "dark", "smiled"]  # the dog's ball stays
+    for seed in range(10):
+        assert set(words_request(tale, random.Random(seed)).content) <= set(request_words(tale))
+
+
 def test_a_swapped_words_request_asks_for_words_put_in_place_of_three_of_the_storys_own():
     tale = ("Once upon a time, Lily had a red ball. She was running in the garden with her ball. "
             "Garden flowers were happy. The dog jumped and barked loudly. The flowers were pretty.")
-    assert things_in(tale) == ["ball", "garden", "flowers"]  # the content words after a determiner
-    pool = things_by_ending([tale, "A kite and a boat. The frog hopped. The cakes and the toys were sweet.",
-                             "A rocket, a pond, a bench, a shoe, a hill and some trees."])
+    things = things_in(tale)
+    assert swap_group("ball", things) == ("thing", "") and swap_group("flowers", things) == ("thing", "s")
+    assert swap_group("jumped", things) == ("other", "ed") and swap_group("loudly", things) == ("other", "ly")
+    assert swap_group("happy", things) is None  # an uninflected other word may be any part of speech
+    pool = swap_pool([tale, "A kite and a boat. The frog hopped and hummed. The cakes and the toys were sweet.",
+                      "A rocket, a pond, a bench, a shoe, a hill and some trees. It sang softly and smiled."])
+    assert set(pool[("other", "ed")]) == {"jumped", "barked", "hopped", "hummed", "smiled"}
     for seed in range(20):
         request = swapped_words_request(tale, random.Random(seed), pool)
         assert request.kind == "words" and len(set(request.content)) == 3
@@ -194,6 +259,7 @@ def test_a_swapped_words_request_asks_for_words_put_in_place_of_three_of_the_sto
         assert all(word in request.text for word in request.content)
         gone = set(story_words(tale)) - set(story_words(request.reply))
         assert len(gone) == 3 and sorted(map(word_ending, gone)) == sorted(map(word_ending, request.content))
+        assert all(swap_group(word, things) is not None for word in gone)
         assert not any(re.search(rf"\b{word}\b", request.reply, re.I) for word in gone)  # capitalised too
 
 
@@ -218,13 +284,18 @@ def test_long_conversations_lose_their_oldest_turns_but_keep_the_system_prompt(t
 
 # --------------------------------------------------------------------- fine-tuning
 
-def test_the_fine_tuning_loss_is_cross_entropy_over_assistant_tokens_only(tokenizer):
+def tiny_model_and_rows(tokenizer) -> tuple[TransformerLM, torch.Tensor, torch.Tensor]:
+    """A small random model, and the inputs and targets of two chat rows."""
     torch.manual_seed(0)
     model = TransformerLM(TransformerConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                                             num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
                                             window_size=None, dropout=0.0)).eval()
     examples = ChatExamples([CHAT[1:3], CHAT], tokenizer, block_size=48)
-    inputs, targets = examples.inputs, examples.targets
+    return model, examples.inputs, examples.targets
+
+
+def test_the_fine_tuning_loss_is_cross_entropy_over_assistant_tokens_only(tokenizer):
+    model, inputs, targets = tiny_model_and_rows(tokenizer)
     with torch.no_grad():
         loss = model(inputs, targets=targets).loss
         logits = model(inputs).logits
@@ -237,6 +308,19 @@ def test_the_fine_tuning_loss_is_cross_entropy_over_assistant_tokens_only(tokeni
                 count += 1
     assert count == int((targets != -100).sum())
     assert loss.item() == pytest.approx(by_hand / count, rel=1e-5)
+
+
+def test_loss_weights_give_the_weighted_mean_over_counted_targets_in_both_heads(tokenizer):
+    model, inputs, targets = tiny_model_and_rows(tokenizer)
+    weights = torch.rand(targets.shape) * 10  # also on -100 targets, which must still count for nothing
+    with torch.no_grad():
+        logits = model(inputs).logits
+        loss = model(inputs, targets=targets, loss_weights=weights).loss
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    counted = weights.flatten() * (targets.flatten() != -100)
+    assert loss.item() == pytest.approx(((nll * counted).sum() / counted.sum()).item(), rel=1e-5)
+    chunked = use_chunked_loss(model.train())
+    assert chunked(inputs, targets=targets, loss_weights=weights).loss.item() == pytest.approx(loss.item(), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -356,15 +440,18 @@ def test_a_tied_score_goes_to_the_lower_loss():
     assert training.is_improvement({"val_loss": 1.9}, {"best_val_loss": 2.0})  # no score: the loss decides
 
 
-def test_accumulated_fine_tuning_weighs_every_assistant_token_alike(base_checkpoint, tmp_path):
-    """Assistant tokens fall unevenly across micro-batches; accumulating two micro-batches of 4
-    still gives the gradient of one batch of 8 (the mean over all its assistant tokens)."""
+@pytest.mark.parametrize("requested_weight", ["1", "20"])
+def test_accumulated_fine_tuning_weighs_every_assistant_token_alike(base_checkpoint, tmp_path, requested_weight):
+    """Assistant tokens (and their loss weights) fall unevenly across micro-batches;
+    accumulating two micro-batches of 4 still gives the gradient of one batch of 8 (the
+    weighted mean over all its assistant tokens)."""
     def tune(name, *extra):
         train_tinystories_chat_model.main([
             "--base_model", str(base_checkpoint / "run" / "best_model.pth"), "--from_stories", str(base_checkpoint),
             "--output_dir", str(tmp_path / name), "--block_size", "64", "--max_steps", "1", "--eval_interval", "1000",
             "--max_val_conversations", "8", "--warmup_steps", "0", "--lr_schedule", "constant", "--grad_clip", "0",
-            "--dropout", "0", "--no-amp", "--sample_tokens", "4", "--select_requests", "0", *extra])
+            "--dropout", "0", "--no-amp", "--sample_tokens", "4", "--select_requests", "0",
+            "--requested_weight", requested_weight, *extra])
         return load_checkpoint(tmp_path / name / "final_model.pth")[0].state_dict()
 
     big, accumulated = tune("big", "--batch_size", "8"), tune("small", "--batch_size", "4", "--gradient_accumulation_steps", "2")

@@ -136,17 +136,21 @@ def test_swapping_in_few_row_layers_keeps_the_weights_the_keys_and_the_tokens(mo
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_fused_lm_loss_has_the_gradients_of_cross_entropy(autocast):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_lm_loss_has_the_gradients_of_cross_entropy(autocast, weighted):
     torch.manual_seed(0)
     hidden = torch.randn(300, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
     targets = torch.randint(0, 50, (300,))
     targets[::7] = -100
+    loss_weights = torch.rand(300) * 5 if weighted else None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        reference = F.cross_entropy(F.linear(hidden, weight).float(), targets)
+        losses = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
+        counted = (targets != -100).float() * (1 if loss_weights is None else loss_weights)
+        reference = (losses * counted).sum() / counted.sum()  # cross_entropy's mean, when unweighted
     reference_grads = torch.autograd.grad(reference * 3, (hidden, weight))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        fused = linear_cross_entropy(hidden, weight, targets, chunk_rows=64)
+        fused = linear_cross_entropy(hidden, weight, targets, loss_weights, chunk_rows=64)
     fused_grads = torch.autograd.grad(fused * 3, (hidden, weight))
     tolerance = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(fused, reference, **tolerance)
