@@ -16,9 +16,9 @@ new words, names, cut points, phrasings and system prompts), weighted towards re
 reply can be checked against (--checkable_weight); with --swapped_words, a share of the words
 requests ask for words swapped into the story, which the model must copy from the request
 (chat_data.swapped_words_request). --requested_weight stresses, in the loss, the reply's
-tokens that show a request was followed (chat_data.requested_tokens). The best model is the one that follows
-requests best (request_following.py) on --select_requests requests of each kind, made from
---select_stories training stories held out for it, asked at every evaluation.
+tokens that show a request was followed (chat_data.requested_tokens). The best model is the
+one that follows requests best (request_following.py) on --select_requests requests of each
+kind, made from --select_stories training stories held out for it, asked at every evaluation.
 
 The loop is pretraining's (training.train): AdamW, warm-up and decay, mixed precision,
 accumulation, early stopping, checkpoints, exact --resume, Ctrl-C safety, TensorBoard. Three
