@@ -11,7 +11,7 @@ The file, top to bottom:
   instruct_conversation, load_conversations;
 - requests made from a story (Request; REQUEST_MAKERS: words_request (of request_words),
   name_request, continuation_request), each in many phrasings; swapped_words_request, for
-  words the story did not hold (with word_ending, things_in, swap_group and swap_pool);
+  words the story did not hold (with word_ending, word_roles, swap_group and swap_pool);
 - conversations_from_stories and fit_conversation;
 - training rows: ChatExamples (the loss is the assistant's alone) and FreshChatExamples
   (conversations built anew every epoch).
@@ -234,20 +234,40 @@ def word_ending(word: str) -> str:
     return next((ending for ending in ("ing", "ed", "ly", "s") if word.endswith(ending)), "")
 
 
-def things_in(story: str) -> set[str]:
-    """The story's words that follow a determiner ("the ball", "his red kite")."""
-    return set(regex.findall(r"\b(?i:the|a|an|his|her|my|your|their|its|our|some) ([a-z]+)", story))
+# The words in front of a word that tell, mostly, what part of speech it is: a "thing" follows a
+# determiner ("the ball", "his red kite": a noun or an adjective), an "action" follows "to" or a
+# helping verb ("to know", "can help": a verb), and a "quality" follows a degree word or a verb
+# of seeming ("very happy", "felt sad": an adjective).
+ROLE_CUES = {
+    "thing": "the|a|an|his|her|my|your|their|its|our|some",
+    "action": "to|can|could|will|would|should|must|did|didn't|don't|let's",
+    "quality": "very|so|too|felt|feel|feels|looked|looks|seemed|seems",
+}
 
 
-def swap_group(word: str, things: set[str]) -> tuple[str, str] | None:
-    """Which words a word may be swapped for without breaking its sentence, mostly: a thing
-    (in things_in, "the ball", "his red kite": a noun or an adjective) for a thing
-    of the same word_ending, and an inflected other word ("jumped", "singing", "slowly": a
-    verb or an adverb) for one of the same ending. None for an uninflected other word
-    ("know", "happy"), which may be any part of speech."""
+def word_roles(story: str) -> dict[str, str]:
+    """The role of each word of the story that follows a cue of ROLE_CUES (the first role, in
+    that order, when it follows several).
+
+        word_roles("The cat wanted to play. It was very happy.")
+        -> {"cat": "thing", "play": "action", "happy": "quality"}
+    """
+    roles: dict[str, str] = {}
+    for role, cues in ROLE_CUES.items():
+        for word in regex.findall(rf"\b(?i:{cues}) ([a-z]+)", story):
+            roles.setdefault(word, role)
+    return roles
+
+
+def swap_group(word: str, roles: dict[str, str]) -> tuple[str, str] | None:
+    """Which words a word may be swapped for without breaking its sentence, mostly: a word
+    with a role (word_roles) for one of the same role and word_ending ("ball" for "kite",
+    "know" for "help", "happy" for "sad"), and any other inflected word ("jumped", "singing",
+    "slowly": a verb or an adverb) for one of the same ending. None for an uninflected word
+    with no role ("know" in "I know"), which may be any part of speech."""
     ending = word_ending(word)
-    if word in things:
-        return ("thing", ending)
+    if word in roles:
+        return (roles[word], ending)
     return ("other", ending) if ending else None
 
 
@@ -255,9 +275,9 @@ def swap_pool(stories: list[str]) -> dict[tuple[str, str], list[str]]:
     """Every story's request_words, grouped by swap_group."""
     groups: dict[tuple[str, str], dict[str, None]] = {}  # each group's words, in order, once
     for story in stories:
-        things = things_in(story)
+        roles = word_roles(story)
         for word in request_words(story):
-            if (group := swap_group(word, things)) is not None:
+            if (group := swap_group(word, roles)) is not None:
                 groups.setdefault(group, {})[word] = None
     return {group: list(words) for group, words in groups.items()}
 
@@ -272,8 +292,8 @@ def swapped_words_request(story: str, rng: random.Random, pool: dict[tuple[str, 
     After pretraining, a model knows every training story by heart, so a request for a story's
     own words can be answered from memory of the story they key, without reading them. These
     replies it has never seen: their words can only come from the request."""
-    things = things_in(story)
-    groups = {word: group for word in request_words(story) if (group := swap_group(word, things)) in pool}
+    roles = word_roles(story)
+    groups = {word: group for word in request_words(story) if (group := swap_group(word, roles)) in pool}
     if len(groups) < 3:
         return None
     taken = set(story_words(story))

@@ -29,8 +29,8 @@ from chat_data import (
     swap_group,
     swap_pool,
     swapped_words_request,
-    things_in,
     word_ending,
+    word_roles,
     words_request,
 )
 from conftest import REPO
@@ -240,13 +240,25 @@ def test_words_requests_ask_for_content_words_not_function_words_or_contraction_
         assert set(words_request(tale, random.Random(seed)).content) <= set(request_words(tale))
 
 
+def test_the_word_in_front_of_a_word_tells_its_role_the_first_role_that_fits():
+    assert word_roles("The cat wanted to play. It was very happy.") == {"cat": "thing", "play": "action",
+                                                                        "happy": "quality"}
+    assert word_roles("Lily didn't know. Let's swim! She felt tired, so tired.") == {
+        "know": "action", "swim": "action", "tired": "quality"}
+    assert word_roles("He had to eat the cake. The cake was so sweet.") == {"eat": "action", "cake": "thing",
+                                                                            "sweet": "quality"}
+    roles = word_roles("They wanted to dance, and the bird was very kind. It looked scared.")
+    assert [swap_group(word, roles) for word in ("dance", "bird", "kind", "scared", "wanted")] == [
+        ("action", ""), ("thing", ""), ("quality", ""), ("quality", "ed"), ("other", "ed")]
+
+
 def test_a_swapped_words_request_asks_for_words_put_in_place_of_three_of_the_storys_own():
     tale = ("Once upon a time, Lily had a red ball. She was running in the garden with her ball. "
             "Garden flowers were happy. The dog jumped and barked loudly. The flowers were pretty.")
-    things = things_in(tale)
-    assert swap_group("ball", things) == ("thing", "") and swap_group("flowers", things) == ("thing", "s")
-    assert swap_group("jumped", things) == ("other", "ed") and swap_group("loudly", things) == ("other", "ly")
-    assert swap_group("happy", things) is None  # an uninflected other word may be any part of speech
+    roles = word_roles(tale)
+    assert swap_group("ball", roles) == ("thing", "") and swap_group("flowers", roles) == ("thing", "s")
+    assert swap_group("jumped", roles) == ("other", "ed") and swap_group("loudly", roles) == ("other", "ly")
+    assert swap_group("happy", roles) is None  # an uninflected word with no cue may be any part of speech
     pool = swap_pool([tale, "A kite and a boat. The frog hopped and hummed. The cakes and the toys were sweet.",
                       "A rocket, a pond, a bench, a shoe, a hill and some trees. It sang softly and smiled."])
     assert set(pool[("other", "ed")]) == {"jumped", "barked", "hopped", "hummed", "smiled"}
@@ -259,7 +271,7 @@ def test_a_swapped_words_request_asks_for_words_put_in_place_of_three_of_the_sto
         assert all(word in request.text for word in request.content)
         gone = set(story_words(tale)) - set(story_words(request.reply))
         assert len(gone) == 3 and sorted(map(word_ending, gone)) == sorted(map(word_ending, request.content))
-        assert all(swap_group(word, things) is not None for word in gone)
+        assert all(swap_group(word, roles) is not None for word in gone)
         assert not any(re.search(rf"\b{word}\b", request.reply, re.I) for word in gone)  # capitalised too
 
 

@@ -97,6 +97,13 @@ def test_each_word_counts_the_share_of_the_requested_words_a_reply_holds():
     assert words_share("A kitten.", ["kite"]) == 0.0  # as words only
 
 
+def test_the_score_is_the_mean_followed_share_with_each_word_standing_for_words_requests():
+    rates = {"words": {"requests": 10, "followed": 0.1, "control": 0.0, "each word": 0.7, "each word control": 0.2},
+             "name": {"requests": 10, "followed": 0.8, "control": 0.3},
+             "continuation": {"requests": 10, "followed": 0.9, "control": 0.2}}
+    assert follow_score(rates) == pytest.approx((0.7 + 0.8 + 0.9) / 3)
+
+
 def test_stories_that_give_no_requests_cannot_be_scored():
     with pytest.raises(ValueError, match="no requests to score"):
         follow_score({})
