@@ -495,8 +495,10 @@ Constraint = list[list[int]]  # one word: its spellings, as token ids
 
 
 def split_words(text: str) -> list[str]:
-    """The words to force, as a user types them: "apple, rocket blue" -> ["apple", "rocket", "blue"]."""
-    return [word for word in re.split(r"[,\s]+", text) if word]
+    """The words to force, as a user types them: "apple, rocket blue" and "apple, rocket and
+    blue" -> ["apple", "rocket", "blue"]. An "and" between words joins them, as in a request,
+    and is not a word to force."""
+    return [word for word in re.split(r"[,\s]+", text) if word and word.lower() != "and"]
 
 
 def word_spellings(tokenizer: BPETokenizer, word: str) -> Constraint:

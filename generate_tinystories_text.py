@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_beams", type=int, default=None,
                         help="> 1: beam search instead of sampling (default 1, or 4 with --force_words)")
     parser.add_argument("--force_words", default="",
-                        help="words every story must use (commas or spaces between them): a constrained beam search")
+                        help="words every story must use (commas, spaces or \"and\" between them): a constrained beam search")
     parser.add_argument("--length_penalty", type=float, default=1.0, help="beam search: score / length ** this")
     parser.add_argument("--repetition_penalty", type=float, default=STORY_SAMPLING["repetition_penalty"])
     parser.add_argument("--no_repeat_ngram_size", type=int, default=0)

@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from decoding import beam_search, constrained_beam_search, word_constraints, word_spellings
+from decoding import beam_search, constrained_beam_search, split_words, word_constraints, word_spellings
 from helpers import story_tokenizer
 from test_transformer_model import VOCAB, tiny_model
 from transformer_model import TransformerConfig, TransformerLM
@@ -90,6 +90,12 @@ def test_scores_are_length_normalised_log_probabilities(model):
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3, *tokens]])).logits[0].log_softmax(-1)
     assert score == pytest.approx(sum(logits[2 + i, t].item() for i, t in enumerate(tokens)) / len(tokens), abs=1e-4)
+
+
+def test_words_to_force_are_read_as_a_user_lists_them():
+    for typed in ("apple rocket blue", "apple, rocket, blue", " apple,rocket  and blue ", "apple, rocket And blue"):
+        assert split_words(typed) == ["apple", "rocket", "blue"]
+    assert split_words("") == [] and split_words(" , and ") == []
 
 
 def test_a_word_is_spelled_after_a_space_as_written_and_capitalised(tokenizer):
