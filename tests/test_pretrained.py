@@ -14,7 +14,7 @@ from transformer_model import load_checkpoint
 PROMPT = "Once upon a time there was a little girl named Lily. She"
 EXPECTED = {  # the argmax at every position, and the largest logit at the last one
     "tinystories_base": ([440, 258, 394, 44, 279, 258, 386, 441, 488, 1254, 46, 315, 507], 13.2356),
-    "tinystories_chat": ([440, 258, 394, 44, 279, 258, 386, 441, 488, 376, 46, 315, 507], 15.1296),
+    "tinystories_chat": ([440, 258, 394, 44, 279, 258, 386, 441, 488, 376, 46, 315, 507], 15.0897),
     "ablation_pos_learned": ([439, 258, 393, 44, 279, 258, 385, 441, 487, 378, 46, 315, 503], 9.0913),
 }
 
