@@ -13,7 +13,9 @@ training uses. The model replies through the chat template at the REPL's default
   new story ("Once upon a time").
 Each rate comes with its control: the same check of the same reply against the content of
 another request of its type, which is what a model that ignores requests scores (a story
-often holds "Lily" or "happy" anyway). Each type is also asked as the second request of a
+often holds "Lily" or "happy" anyway). Words requests are also asked how often a reply uses
+each word it holds, beside how often the story the request was made from uses it: a model
+that makes every noun "rain" follows the request but overuses it. Each type is also asked as the second request of a
 conversation ("words, 2nd turn"), after the model's own reply to a plain first request.
 words_line_rates asks for the words without the chat, in front of a story ("Words: a, b,
 c\nStory:"), as a base model pretrained with --words_lines has seen them.
@@ -150,23 +152,45 @@ def words_share(reply: str, words: list[str]) -> float:
     return sum(bool(_count(word, reply, ignore_case=True)) for word in words) / len(words)
 
 
+def uses_per_word(text: str, words: list[str]) -> float | None:
+    """How often the text uses each requested word it holds, on average; None if it holds
+    none. A story that makes every noun "rain" scores high: compared with the story the
+    request was made from, it shows whether a model overuses what it is asked for.
+
+        uses_per_word("The kite flew. Tom held the kite.", ["kite", "tree"]) == 2.0
+    """
+    counts = [count for word in words if (count := _count(word, text, ignore_case=True))]
+    return sum(counts) / len(counts) if counts else None
+
+
+def _reply_measures(test: RequestTest, reply: str) -> dict[str, float | None]:
+    """What summarize averages for one reply: its check for the request and for the control,
+    and, for words requests, the share of the words it holds (and of the control's) and the
+    uses of each word it holds (and in the story the request was made from)."""
+    check = CHECKS[test.request.kind]
+    measures = {"followed": check(reply, test.request.content), "control": check(reply, test.control)}
+    if test.request.kind == "words":
+        measures |= {"each word": words_share(reply, test.request.content),
+                     "each word control": words_share(reply, test.control),
+                     "uses per word": uses_per_word(reply, test.request.content),
+                     "uses per word in the story": uses_per_word(test.request.reply, test.request.content)}
+    return measures
+
+
 def summarize(tests: list[RequestTest], conversations: list[list[dict]]) -> dict[str, dict]:
     """{label: {"requests", "followed", "control"}}: the share of replies that pass their
     request's check, and the share that pass it for another request's content. Words requests
     also get "each word" and "each word control": the mean share of the words a reply holds
-    (words_share), which moves before all three words do."""
-    sums: dict[str, dict] = {}
+    (words_share), which moves before all three words do; and "uses per word" (over the
+    replies that hold a word) beside "uses per word in the story" (uses_per_word)."""
+    samples: dict[str, dict[str, list[float]]] = {}
     for test, messages in zip(tests, conversations, strict=True):
-        reply, check = messages[-1]["content"], CHECKS[test.request.kind]
-        entry = sums.setdefault(test.label, {"requests": 0, "followed": 0, "control": 0})
-        entry["requests"] += 1
-        entry["followed"] += check(reply, test.request.content)
-        entry["control"] += check(reply, test.control)
-        if test.request.kind == "words":
-            entry["each word"] = entry.get("each word", 0) + words_share(reply, test.request.content)
-            entry["each word control"] = entry.get("each word control", 0) + words_share(reply, test.control)
-    return {label: {key: value if key == "requests" else value / entry["requests"] for key, value in entry.items()}
-            for label, entry in sums.items()}
+        entry = samples.setdefault(test.label, {})
+        for key, value in _reply_measures(test, messages[-1]["content"]).items():
+            if value is not None:
+                entry.setdefault(key, []).append(float(value))
+    return {label: {"requests": len(entry["followed"]), **{key: sum(v) / len(v) for key, v in entry.items()}}
+            for label, entry in samples.items()}
 
 
 def follow_rates(model: LanguageModel, tokenizer: BPETokenizer, stories: list[str], per_kind: int = 100,

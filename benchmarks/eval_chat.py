@@ -13,9 +13,11 @@ assistant-only validation loss on conversations built from the same stories as
 train_tinystories_chat_model.py --from_stories builds them. Every "followed" share
 sits beside its control: the same check against another request's content. Each words row is
 followed by an "each word" row: the mean share of the three words a reply holds (and of the
-control's), which shows progress before all three words do. The last row,
-"words line", asks for the words without the chat, in front of a story ("Words: a, b,
-c\nStory:"): what a base model pretrained with --words_lines has learned.
+control's), which shows progress before all three words do, and by a "uses per word" row,
+which asks whether a model overuses the words: how often a reply uses each requested word it
+holds, on average, and in the control column how often the story the request was made from
+uses them. The last rows, "words line", ask for the words without the chat, in front of a
+story ("Words: a, b, c\nStory:"): what a base model pretrained with --words_lines has learned.
 
 --forced N measures lexically constrained decoding on its own, never as part of the model's
 request-following: the first N word requests answered by constrained_beam_search with the
@@ -121,6 +123,9 @@ def table(results: dict[str, dict]) -> str:
         if "each word" in entry:  # words requests: the share of the words used, as well as all three
             lines.append(row([f"{label}: each word", str(entry["requests"]),
                               *(f"{rate[c]:.0%}" for rate in rates for c in ("each word", "each word control"))]))
+            lines.append(row([f"{label}: uses per word (story's own)", str(entry["requests"]),
+                              *(f"{rate[c]:.1f}" if c in rate else "-" for rate in rates
+                                for c in ("uses per word", "uses per word in the story"))]))
     losses = [results[n]["loss"] for n in names]
     lines.append(row(["assistant-only val loss (bits/byte)", "",
                       *(cell for loss in losses for cell in (f"{loss['val_loss']:.4f} ({loss['val_bits_per_byte']:.4f})",

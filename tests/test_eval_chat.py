@@ -29,7 +29,9 @@ def test_a_table_per_request_type_for_every_model_and_forced_words_apart(tmp_pat
               "words line"]
     assert ("| request | requests | base followed | base control | chat 1 followed | chat 1 control | "
             "chat 2 followed | chat 2 control |") in printed
-    for label in [*labels, "words: each word", "words, 2nd turn: each word", "words line: each word"]:
+    words_rows = [f"{label}: {row}" for label in ("words", "words, 2nd turn", "words line")
+                  for row in ("each word", "uses per word (story's own)")]
+    for label in [*labels, *words_rows]:
         assert f"\n| {label} | 2 |" in printed
     assert sorted(results["chat 1"]["rates"]) == sorted(labels)
     assert results["chat 2"]["rates"] == results["base"]["rates"]  # the same model, the same seeded replies

@@ -18,6 +18,7 @@ from request_following import (
     request_tests,
     run_request_tests,
     summarize,
+    uses_per_word,
     words_line_rates,
     words_share,
 )
@@ -97,6 +98,25 @@ def test_each_word_counts_the_share_of_the_requested_words_a_reply_holds():
     assert words_share("A kitten.", ["kite"]) == 0.0  # as words only
 
 
+def test_uses_per_word_is_how_often_a_text_uses_each_requested_word_it_holds():
+    assert uses_per_word("The kite flew. Tom held the Kite near a tree.", ["kite", "tree", "apple"]) == 1.5
+    assert uses_per_word("Rain, rain and more rain.", ["rain"]) == 3.0
+    assert uses_per_word("A kitten.", ["kite"]) is None  # holds none: no figure
+
+
+def test_overused_words_show_against_the_story_the_request_was_made_from(stories):
+    tests = [test for test in request_tests(stories, per_kind=10, seed=1) if test.label == "words"]
+
+    def rates(replies):
+        return summarize(tests, [[{"role": "assistant", "content": reply}] for reply in replies])["words"]
+
+    own = rates([test.request.reply for test in tests])
+    assert own["uses per word"] == own["uses per word in the story"] >= 1.0
+    overused = rates([" ".join(test.request.content * 5) for test in tests])
+    assert overused["followed"] == 1.0 and overused["uses per word"] == 5.0
+    assert "uses per word" not in rates(["Nothing asked for." for _ in tests])  # no reply holds a word
+
+
 def test_the_score_is_the_mean_followed_share_with_each_word_standing_for_words_requests():
     rates = {"words": {"requests": 10, "followed": 0.1, "control": 0.0, "each word": 0.7, "each word control": 0.2},
              "name": {"requests": 10, "followed": 0.8, "control": 0.3},
@@ -134,7 +154,9 @@ def test_a_words_line_names_the_requested_words_and_is_scored_like_a_words_reque
                 for text in texts]
 
     monkeypatch.setattr(request_following, "sample_continuations", write_with_the_words)
+    requests = [test.request for test in request_tests(stories, 10, seed=1) if test.label == "words"]
+    in_stories = sum(uses_per_word(request.reply, request.content) for request in requests) / len(requests)
     assert words_line_rates(None, tokenizer, stories, count=10, seed=1) == {
-        "words line": {"requests": 10, "followed": 1.0, "control": 0.0, "each word": 1.0, "each word control": 0.0}}
-    words = [test.request.content for test in request_tests(stories, 10, seed=1) if test.label == "words"]
-    assert prompted == [f"Words: {', '.join(three)}\nStory:" for three in words]
+        "words line": {"requests": 10, "followed": 1.0, "control": 0.0, "each word": 1.0, "each word control": 0.0,
+                       "uses per word": 1.0, "uses per word in the story": pytest.approx(in_stories)}}
+    assert prompted == [f"Words: {', '.join(request.content)}\nStory:" for request in requests]
