@@ -175,7 +175,8 @@ def score_requests(model: torch.nn.Module, tokenizer: BPETokenizer, stories: lis
     rates = follow_rates(model, tokenizer, stories, per_kind=args.select_requests, seed=args.seed,
                          max_new_tokens=min(CHAT_MAX_NEW_TOKENS, args.block_size // 2))
     return {"score": follow_score(rates), **{f"follow/{label}": rate["followed"] for label, rate in rates.items()},
-            **{f"follow/{label}: each word": rate["each word"] for label, rate in rates.items() if "each word" in rate}}
+            **{f"follow/{label}: {key}": rate[key] for label, rate in rates.items()
+               for key in ("each word", "uses per word") if key in rate}}
 
 
 def set_dropout(model: torch.nn.Module, dropout: float | None, attention_dropout: float | None) -> None:

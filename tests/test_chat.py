@@ -429,7 +429,9 @@ def test_the_best_model_is_the_one_that_follows_requests_best_not_the_lowest_los
 
     def scripted_rates(model, tokenizer, stories, per_kind, seed, max_new_tokens):
         asked.append((len(stories), per_kind, max_new_tokens))
-        return {"words": {"requests": per_kind, "followed": next(scores), "control": 0.0}}
+        score = next(scores)
+        return {"words": {"requests": per_kind, "followed": score / 2, "control": 0.0, "each word": score,
+                          "uses per word": 2.5}}
 
     monkeypatch.setattr(train_tinystories_chat_model, "follow_rates", scripted_rates)
     state = train_tinystories_chat_model.main(fine_tune_args(
@@ -437,7 +439,9 @@ def test_the_best_model_is_the_one_that_follows_requests_best_not_the_lowest_los
         "--select_requests", "3", "--select_stories", "30", "--learning_rate", "3e-3"))
     assert asked[0] == (30, 3, 32)  # held-out stories, three requests a kind, replies up to half a row
     assert [h["score"] for h in state["history"]] == [0.2, 0.9, 0.1, 0.3]
-    assert state["history"][1]["follow/words"] == 0.9 and state["best_score"] == 0.9
+    assert state["history"][1]["follow/words"] == 0.45 and state["best_score"] == 0.9  # the score counts each word
+    assert state["history"][1]["follow/words: each word"] == 0.9
+    assert state["history"][1]["follow/words: uses per word"] == 2.5
     _, _, metadata = load_checkpoint(tmp_path / "chat" / "best_model.pth")
     assert metadata["step"] == 10
     assert min(state["history"], key=lambda h: h["val_loss"])["step"] != 10  # the loss alone would choose another
