@@ -2,7 +2,8 @@
 
     from request_following import follow_rates
     rates = follow_rates(model, tokenizer, validation_stories, per_kind=100)
-    rates["words"]  # {"requests": 100, "followed": 0.62, "control": 0.08}
+    rates["name"]  # {"requests": 100, "followed": 0.89, "control": 0.22}
+    rates["words"]["uses per word"]  # and rates["words"]["uses per word in the story"]
 
 The requests are made from held-out stories by chat_data.REQUEST_MAKERS, the makers
 training uses. The model replies through the chat template at the REPL's default sampling
@@ -15,8 +16,9 @@ Each rate comes with its control: the same check of the same reply against the c
 another request of its type, which is what a model that ignores requests scores (a story
 often holds "Lily" or "happy" anyway). Words requests are also asked how often a reply uses
 each word it holds, beside how often the story the request was made from uses it: a model
-that makes every noun "rain" follows the request but overuses it. Each type is also asked as the second request of a
-conversation ("words, 2nd turn"), after the model's own reply to a plain first request.
+that makes every noun "rain" follows the request but overuses it. Each type is also asked as
+the second request of a conversation ("words, 2nd turn"), after the model's own reply to a
+plain first request.
 words_line_rates asks for the words without the chat, in front of a story ("Words: a, b,
 c\nStory:"), as a base model pretrained with --words_lines has seen them.
 
