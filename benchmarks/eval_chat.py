@@ -38,6 +38,7 @@ import torch
 from bench_utils import SHARED_DATA, machine_line
 from bpe_tokenizer import ENDOFTEXT
 from chat_data import ChatExamples, conversations_from_stories
+from common import run_script
 from decoding import constrained_beam_search, word_constraints
 from evaluation import loss_totals, sequential_batches, summarize_losses, token_byte_lengths
 from request_following import (
@@ -147,6 +148,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="only the words-line row, for these (base) models, in place of everything else")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
+    models = {"--words_line": args.words_line} if args.words_line else {"--base": [args.base], "--chat": args.chat}
+    for flag, paths in models.items():
+        for path in paths:
+            if not Path(path).is_file():  # refused before any model is evaluated
+                parser.error(f"{flag} {path}: no such file")
     torch.manual_seed(args.seed)
     stories = load_stories(args.data, "validation")
     if args.words_line:
@@ -170,4 +176,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

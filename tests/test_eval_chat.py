@@ -4,8 +4,11 @@ followed and a control column for each model, the loss, and forced words measure
 import json
 import random
 
+import pytest
+
 import eval_chat
 from helpers import story_tokenizer
+from test_bad_inputs import assert_one_error_line, run_cli
 from test_request_following import distinct_story
 from test_transformer_model import tiny_model
 from transformer_model import save_checkpoint
@@ -52,3 +55,10 @@ def test_words_line_alone_gives_one_row_per_model_and_the_same_rates_as_the_full
     full = eval_chat.main(["--base", str(tmp_path / "base.pth"), "--chat", str(tmp_path / "base.pth"), *flags,
                            "--block_size", "64"])
     assert alone[str(tmp_path / "base.pth")] == full["base"]["rates"]["words line"]
+
+
+@pytest.mark.parametrize("flags", [["--chat", "pretrained/tinystories_chat.pth", "missing.pth"],
+                                   ["--base", "missing.pth"], ["--words_line", "missing.pth"]])
+def test_a_missing_model_is_one_clear_line_before_any_model_is_evaluated(flags):
+    flag = flags[0]
+    assert_one_error_line(run_cli("benchmarks/eval_chat.py", *flags), 2, f"error: {flag} missing.pth: no such file")
