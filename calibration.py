@@ -51,8 +51,8 @@ def temperature_derivatives(model: nn.Module, dataset: torch.utils.data.Dataset,
     model.eval()
     first = second = 0.0
     for indices in batches:
-        inputs, targets, _ = collate(dataset, indices)
-        inputs, targets = inputs.to(device), targets.to(device).flatten()  # targets: (batch * seq,)
+        batch = collate(dataset, indices)
+        inputs, targets = batch.inputs.to(device), batch.targets.to(device).flatten()  # targets: (batch * seq,)
         with autocast(device, amp_dtype):
             logits = model(inputs).logits  # (batch, seq, vocab)
         counted = targets != -100

@@ -13,6 +13,8 @@ The file, top to bottom:
   name_request, continuation_request), each in many phrasings; swapped_words_request, for
   words the story did not hold (with word_ending, word_roles, swap_group and swap_pool);
 - conversations_from_stories and fit_conversation;
+- the loss's view of a reply: first_uses and requested_tokens (the tokens that show a request
+  was followed), token_weights (which stress them) and avoided_tokens (which balance them);
 - training rows: ChatExamples (the loss is the assistant's alone) and FreshChatExamples
   (conversations built anew every epoch).
 """
@@ -374,24 +376,38 @@ def fit_conversation(messages: list[dict], tokenizer: BPETokenizer, max_tokens: 
     return kept, dropped
 
 
-def requested_tokens(tokenizer: BPETokenizer, reply: str, requested: list[str]) -> list[int]:
-    """The indices of the reply's tokens (tokenizer.encode(reply)) that spell the first use
-    of each requested item (as a word, in any case): the tokens that show the request was
-    followed, where a model must read the request to be right.
+def first_uses(tokenizer: BPETokenizer, reply: str, requested: list[str]) -> list[list[int]]:
+    """For each requested item (as a word, in any case) that the reply holds, the indices of
+    the reply's tokens (tokenizer.encode(reply)) that spell its first use: the tokens that
+    show the request was followed, where a model must read the request to be right.
 
-        "Use the words kite and sun." -> "Tom had a red kite. The sun ..." -> the tokens " kite", " sun"
+        "Use the words kite and sun." -> "Tom had a red kite. The sun ..." -> [[4], [7]]
+        (the tokens " kite" and " sun", when each word is one token)
     """
     spans, end = [], 0  # each token's [start, end) in the reply's UTF-8 bytes
     for token in tokenizer.encode(reply, allowed_special="none"):
         spans.append((end, end + len(tokenizer.vocab[token])))
         end += len(tokenizer.vocab[token])
-    indices = set()
+    uses = []
     for item in requested:
         found = regex.search(rf"\b{regex.escape(item)}\b", reply, flags=regex.IGNORECASE)
         if found:
             first, last = len(reply[: found.start()].encode()), len(reply[: found.end()].encode())
-            indices.update(k for k, (start, end) in enumerate(spans) if start < last and end > first)
-    return sorted(indices)
+            uses.append([k for k, (start, end) in enumerate(spans) if start < last and end > first])
+    return uses
+
+
+def requested_tokens(tokenizer: BPETokenizer, reply: str, requested: list[str]) -> list[int]:
+    """The indices of the reply's tokens that spell the first use of each requested item
+    (first_uses, all together, in order)."""
+    return sorted({index for use in first_uses(tokenizer, reply, requested) for index in use})
+
+
+def _replies(messages: list[dict], mask: list[bool]) -> list[tuple[int, dict]]:
+    """Each assistant message with the index of its first token in the template's ids (where
+    the mask, True on the assistant's tokens, starts a run)."""
+    replies = iter(message for message in messages if message["role"] == "assistant")
+    return [(start, next(replies)) for start in range(len(mask)) if mask[start] and (start == 0 or not mask[start - 1])]
 
 
 def token_weights(tokenizer: BPETokenizer, messages: list[dict], mask: list[bool], requested_weight: float) -> list[float]:
@@ -399,51 +415,88 @@ def token_weights(tokenizer: BPETokenizer, messages: list[dict], mask: list[bool
     0 outside the assistant's turns, 1 in them, and requested_weight on the tokens of a
     reply that spell what its request asked for (requested_tokens of its "requested")."""
     weights = [float(keep) for keep in mask]
-    replies = iter(message for message in messages if message["role"] == "assistant")
-    for start in range(len(mask)):
-        if mask[start] and (start == 0 or not mask[start - 1]):  # each reply starts a run of assistant tokens
-            reply = next(replies)
-            for index in requested_tokens(tokenizer, reply["content"], reply.get("requested", [])):
-                weights[start + index] = requested_weight
+    for start, reply in _replies(messages, mask):
+        for index in requested_tokens(tokenizer, reply["content"], reply.get("requested", [])):
+            weights[start + index] = requested_weight
     return weights
+
+
+def avoided_tokens(tokenizer: BPETokenizer, messages: list[dict], ids: list[int], mask: list[bool]) -> list[list[int]]:
+    """For each of the template's ids, as a target: the token ids to push down there. Each
+    requested item's first token (as its first use spells it) is avoided at the reply's
+    tokens before that first use, except where the target is that token itself.
+
+    Why: the first use of a requested word weighs requested_weight, so the loss pushes the
+    word up requested_weight times harder where it comes than it pushes it down where it
+    could have come and did not; the model learns to say it far more often than stories
+    do. Pushing it down with weight requested_weight - 1 at those other places balances
+    the two, so the model's odds of the word match the stories' again.
+
+        "Use the word sun." -> "The sun was hot." -> " sun" avoided where the target is "The"
+    """
+    avoided = [[] for _ in ids]
+    for start, reply in _replies(messages, mask):
+        for use in first_uses(tokenizer, reply["content"], reply.get("requested", [])):
+            word = ids[start + use[0]]
+            for index in range(start, start + use[0]):
+                if ids[index] != word:
+                    avoided[index].append(word)
+    return avoided
+
+
+def _padded(rows: list[list[list[int]]], length: int, width: int) -> torch.Tensor:
+    """Lists of ids per position, -1 padded to (rows, length, width)."""
+    return torch.tensor([[ids + [-1] * (width - len(ids)) for ids in row] + [[-1] * width] * (length - len(row))
+                         for row in rows], dtype=torch.long)
 
 
 class ChatExamples(torch.utils.data.Dataset):
     """Conversations as training rows of block_size tokens: (inputs, targets, loss weights)
     with targets -100 everywhere but on assistant tokens, so the loss is the assistant's
     alone. The tokens that show a request was followed weigh requested_weight in it, the
-    others 1 (token_weights). One conversation per row, padded at the end with
-    <|endoftext|>, so attention never crosses from one conversation into another. Too long a
-    conversation loses its oldest turns first (truncated_turns counts them); what still does
-    not fit is cut at the end."""
+    others 1 (token_weights). With balancing_weight, each row also brings the tokens the loss
+    pushes down (avoided_tokens), as ids (seq, k) and weights (seq, k): the model's
+    AvoidedTokens. One conversation per row, padded at the end with <|endoftext|>, so
+    attention never crosses from one conversation into another. Too long a conversation
+    loses its oldest turns first (truncated_turns counts them); what still does not fit is
+    cut at the end."""
 
     def __init__(self, conversations: list[list[dict]], tokenizer: BPETokenizer, block_size: int,
-                 requested_weight: float = 1.0):
-        pad = tokenizer.special_tokens[ENDOFTEXT]
-        rows, targets, weights = [], [], []
+                 requested_weight: float = 1.0, balancing_weight: float = 0.0):
+        pad, length = tokenizer.special_tokens[ENDOFTEXT], block_size + 1
+        rows, targets, weights, avoided = [], [], [], []
         self.truncated_turns = self.cut_conversations = 0
         for messages in conversations:
-            messages, dropped = fit_conversation(messages, tokenizer, block_size + 1)
+            messages, dropped = fit_conversation(messages, tokenizer, length)
             self.truncated_turns += dropped
             ids, mask = tokenizer.apply_chat_template(messages, return_mask=True)
             weight = token_weights(tokenizer, messages, mask, requested_weight)
-            if len(ids) > block_size + 1:
-                self.cut_conversations += 1
-                ids, mask, weight = ids[: block_size + 1], mask[: block_size + 1], weight[: block_size + 1]
-            padding = block_size + 1 - len(ids)
-            ids, mask, weight = ids + [pad] * padding, mask + [False] * padding, weight + [0.0] * padding
+            if balancing_weight:
+                avoided.append(avoided_tokens(tokenizer, messages, ids, mask)[1:length])  # as targets, like weight
+            self.cut_conversations += len(ids) > length
+            padding = max(length - len(ids), 0)  # the padding's targets are -100, its weights 0, it avoids nothing
+            ids, mask, weight = ids[:length] + [pad] * padding, mask[:length] + [False] * padding, weight[:length]
             rows.append(ids[:-1])
             targets.append([token if keep else -100 for token, keep in zip(ids[1:], mask[1:], strict=True)])
-            weights.append(weight[1:])
+            weights.append(weight[1:] + [0.0] * padding)
         if not rows:
             raise DataError("no conversations to train on")
         self.inputs, self.targets, self.weights = torch.tensor(rows), torch.tensor(targets), torch.tensor(weights)
+        self.balancing_weight = balancing_weight
+        if balancing_weight:
+            self.avoided = _padded(avoided, block_size, max(1, max(len(ids) for row in avoided for ids in row)))
 
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.inputs[index], self.targets[index], self.weights[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        """(inputs, targets, weights), each (seq,); with balancing_weight also the avoided
+        ids and their weights, each (seq, k)."""
+        row = self.inputs[index], self.targets[index], self.weights[index]
+        if not self.balancing_weight:
+            return row
+        ids = self.avoided[index]
+        return *row, ids, (ids >= 0).float() * self.balancing_weight
 
 
 class FreshChatExamples(torch.utils.data.Dataset):
@@ -454,9 +507,9 @@ class FreshChatExamples(torch.utils.data.Dataset):
     TokenWindows; an epoch's rows depend on its number alone, so --resume reads the same rows."""
 
     def __init__(self, stories: list[str], tokenizer: BPETokenizer, block_size: int, seed: int = 0,
-                 requested_weight: float = 1.0, **building):
+                 requested_weight: float = 1.0, balancing_weight: float = 0.0, **building):
         self.stories, self.tokenizer, self.block_size, self.seed = stories, tokenizer, block_size, seed
-        self.requested_weight = requested_weight
+        self.requested_weight, self.balancing_weight = requested_weight, balancing_weight
         self.building = building  # conversations_from_stories's other settings
         self.epoch = -1
         self.set_epoch(0)
@@ -464,11 +517,12 @@ class FreshChatExamples(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.conversations = conversations_from_stories(self.stories, self.seed * 1_000_003 + epoch, **self.building)
-            self.examples = ChatExamples(self.conversations, self.tokenizer, self.block_size, self.requested_weight)
+            self.examples = ChatExamples(self.conversations, self.tokenizer, self.block_size, self.requested_weight,
+                                         self.balancing_weight)
             self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         return self.examples[index]

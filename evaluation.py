@@ -3,7 +3,7 @@
 The functions, in the order a measurement uses them:
 
 - token_byte_lengths: the UTF-8 bytes of every token id, to turn a loss into bits per byte.
-- collate: dataset items -> one (inputs, targets) batch (training reads its batches this way too).
+- Batch and collate: dataset items -> one batch (training reads its batches this way too).
 - sequential_batches: every item of a dataset, in order, in batches.
 - loss_totals: [total nats, targets, UTF-8 bytes of the targets] over some batches.
 - summarize_losses: those totals -> mean loss, perplexity, bits per byte.
@@ -17,6 +17,7 @@ figures at every evaluation, and benchmarks/eval_model.py computes them for any 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from bpe_tokenizer import BPETokenizer
 from common import autocast
 from tinystories_data import TokenWindows
+from transformer_model import AvoidedTokens
 
 LN2 = math.log(2)
 
@@ -34,12 +36,27 @@ def token_byte_lengths(tokenizer: BPETokenizer) -> torch.Tensor:
     return torch.tensor([len(tokenizer.vocab[i]) for i in range(tokenizer.vocab_size)], dtype=torch.float64)
 
 
-def collate(dataset: torch.utils.data.Dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The items at indices, stacked: (inputs, targets, loss weights), each (len(indices),
-    seq). Chat rows (chat_data.ChatExamples) bring their weights; items of two parts weigh
-    each counted target (not -100) 1 and the others 0."""
+class Batch(NamedTuple):
+    """A batch of dataset items: inputs, targets and loss weights, each (batch, seq), and the
+    tokens the loss pushes down (AvoidedTokens, from chat rows with a balancing weight)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    loss_weights: torch.Tensor
+    avoided: AvoidedTokens | None = None
+
+    def to(self, device: torch.device) -> Batch:
+        avoided = None if self.avoided is None else AvoidedTokens(*(part.to(device) for part in self.avoided))
+        return Batch(self.inputs.to(device), self.targets.to(device), self.loss_weights.to(device), avoided)
+
+
+def collate(dataset: torch.utils.data.Dataset, indices: list[int]) -> Batch:
+    """The items at indices, stacked into a Batch. Chat rows (chat_data.ChatExamples) bring
+    their weights, and may bring avoided tokens; items of two parts weigh each counted
+    target (not -100) 1 and the others 0."""
     parts = [torch.stack(part) for part in zip(*(dataset[i] for i in indices), strict=True)]
-    return parts[0], parts[1], parts[2] if len(parts) > 2 else (parts[1] != -100).float()
+    weights = parts[2] if len(parts) > 2 else (parts[1] != -100).float()
+    return Batch(parts[0], parts[1], weights, AvoidedTokens(*parts[3:]) if len(parts) > 3 else None)
 
 
 def sequential_batches(count: int, batch_size: int) -> list[list[int]]:
@@ -60,8 +77,8 @@ def loss_totals(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch
     model.eval()
     nats = tokens = text_bytes = 0.0
     for indices in batches:
-        inputs, targets, _ = collate(dataset, indices)  # the plain loss: every target alike
-        inputs, targets = inputs.to(device), targets.to(device).flatten()  # targets: (batch * seq,)
+        batch = collate(dataset, indices)  # the plain loss: every target alike
+        inputs, targets = batch.inputs.to(device), batch.targets.to(device).flatten()  # targets: (batch * seq,)
         with autocast(device, amp_dtype):
             logits = model(inputs).logits  # (batch, seq, vocab)
         # The loss in float32 whatever the autocast dtype, one value per target, summed below.

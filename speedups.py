@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from decoding import filter_top_p
 from kv_cache import KVCache
-from transformer_model import AttentionInputs, LMHead, LMOutput, TransformerLM, unwrap_model
+from transformer_model import AttentionInputs, AvoidedTokens, LMHead, LMOutput, TransformerLM, unwrap_model
 
 # ------------------------------------------------------------ 1. one-row products on a CPU
 
@@ -200,14 +200,21 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 class ChunkedLossLMHead(LMHead):
     """LMHead that, when training (targets given, gradients on), returns the loss from
-    linear_cross_entropy and no logits; otherwise the plain head."""
+    linear_cross_entropy and no logits; otherwise the plain head. Avoided tokens are few, so
+    their term is LMHead's own avoided_loss, over the same count of weighted targets."""
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_weights: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                loss_weights: torch.Tensor | None = None,
+                avoided: AvoidedTokens | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if targets is None or not torch.is_grad_enabled():
-            return super().forward(x, weight, targets, loss_weights)
+            return super().forward(x, weight, targets, loss_weights, avoided)
+        targets = targets.reshape(-1)
         flat_weights = None if loss_weights is None else loss_weights.reshape(-1)
-        return None, linear_cross_entropy(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), flat_weights)
+        loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), weight, targets, flat_weights)
+        if avoided is None:
+            return None, loss
+        counted = (targets != -100).float() * (1.0 if flat_weights is None else flat_weights.float())
+        return None, loss + self.avoided_loss(x, weight, avoided) / counted.sum()
 
 
 def use_chunked_loss(model: TransformerLM) -> TransformerLM:

@@ -16,7 +16,9 @@ new words, names, cut points, phrasings and system prompts), weighted towards re
 reply can be checked against (--checkable_weight); with --swapped_words, a share of the words
 requests ask for words swapped into the story, which the model must copy from the request
 (chat_data.swapped_words_request). --requested_weight stresses, in the loss, the reply's
-tokens that show a request was followed (chat_data.requested_tokens). The best model is the
+tokens that show a request was followed (chat_data.requested_tokens); --balancing_weight
+pushes each requested item down before its first use (chat_data.avoided_tokens), so that
+stress does not teach the model to overuse the words. The best model is the
 one that follows requests best (request_following.py) on --select_requests requests of each
 kind, made from --select_stories training stories held out for it, asked at every evaluation.
 
@@ -77,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     built.add_argument("--requested_weight", type=float, default=20.0,
                        help="how much a reply's tokens that show its request was followed (the first use of each "
                             "requested word, name or character) weigh in the loss; every other token weighs 1")
+    built.add_argument("--balancing_weight", type=float, default=0.0,
+                       help="how hard the loss pushes a requested item's first token down at the reply's tokens "
+                            "before its first use (chat_data.avoided_tokens); requested_weight - 1 balances the push "
+                            "up, so the model does not overuse requested words (0: off)")
     built.add_argument("--select_requests", type=int, default=10,
                        help="choose the best model (and stop early) on request-following: this many requests of "
                             "each kind, asked at each evaluation (0: on the validation loss)")
@@ -137,13 +143,13 @@ def training_rows(args: argparse.Namespace, tokenizer: BPETokenizer,
                                             checkable_weight=args.checkable_weight)
     if args.requests == "fresh":
         train_data = FreshChatExamples(sets["train"], tokenizer, args.block_size, seed=args.seed,
-                                       requested_weight=args.requested_weight,
+                                       requested_weight=args.requested_weight, balancing_weight=args.balancing_weight,
                                        checkable_weight=args.checkable_weight, swapped_words=args.swapped_words)
         train = train_data.conversations
     else:
         train = conversations_from_stories(sets["train"], seed=args.seed, checkable_weight=args.checkable_weight,
                                            swapped_words=args.swapped_words)
-        train_data = ChatExamples(train, tokenizer, args.block_size, args.requested_weight)
+        train_data = ChatExamples(train, tokenizer, args.block_size, args.requested_weight, args.balancing_weight)
     return train_data, ChatExamples(validation, tokenizer, args.block_size), {"train": train, "validation": validation}
 
 

@@ -135,7 +135,7 @@ FLOAT_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "checkable_weight": (lambda v: v >= 0, "0 or more"),
     "words_lines": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "swapped_words": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "requested_weight": (lambda v: v >= 0, "0 or more"),
+    "requested_weight": (lambda v: v >= 0, "0 or more"), "balancing_weight": (lambda v: v >= 0, "0 or more"),
 }
 AT_LEAST_ONE = ("batch_size", "gradient_accumulation_steps", "eval_interval", "block_size")
 # (These tables also hold the scripts' own data flags; each is checked where a script has it.)
@@ -348,8 +348,8 @@ def log(run: Run, message: str) -> None:
 RESUME_MUST_KEEP = ("dataset", "val_dataset", "val_fraction", "text_column", "block_size", "batch_size",
                     "gradient_accumulation_steps", "seed", "max_train_stories", "max_val_stories",
                     "calibration_stories", "words_lines", "from_stories", "base_model", "requests", "checkable_weight",
-                    "swapped_words", "requested_weight", "select_requests", "select_stories", "max_train_conversations",
-                    "max_val_conversations", "processes")
+                    "swapped_words", "requested_weight", "balancing_weight", "select_requests", "select_stories",
+                    "max_train_conversations", "max_val_conversations", "processes")
 
 
 def check_resumed_flags(run: Run, saved: dict, path: Path) -> None:
@@ -489,17 +489,18 @@ def train_step(run: Run) -> tuple[float, float]:
         if hasattr(run.train_data, "set_epoch"):  # TokenWindows cut the stream afresh each epoch
             run.train_data.set_epoch(run.batches.epoch)
         micro_batches.append(collate(run.train_data, indices))
-    counts = [float(weights[targets != -100].sum()) for _, targets, weights in micro_batches]
+    counts = [float(batch.loss_weights[batch.targets != -100].sum()) for batch in micro_batches]
     # DDP averages the processes' gradients, so a process's mean target count is the unit.
     mean_count = max(run.dist.sum([float(sum(counts))], run.device)[0] / run.dist.world_size, 1.0)
     total = 0.0
-    for micro, ((inputs, targets, weights), count) in enumerate(zip(micro_batches, counts, strict=True)):
-        state["tokens"] += inputs.numel() * run.dist.world_size
-        inputs, targets, weights = inputs.to(run.device), targets.to(run.device), weights.to(run.device)  # (batch, block_size)
+    for micro, (batch, count) in enumerate(zip(micro_batches, counts, strict=True)):
+        state["tokens"] += batch.inputs.numel() * run.dist.world_size
+        batch = batch.to(run.device)  # inputs, targets, weights: (batch, block_size)
         # DDP syncs gradients on the last micro-batch only; the others accumulate locally.
         sync = micro == len(micro_batches) - 1 or run.dist.world_size == 1
         with contextlib.nullcontext() if sync else run.model.no_sync(), autocast(run.device, run.amp_dtype):
-            loss = run.model(inputs, targets=targets, loss_weights=weights).loss * (count / mean_count)
+            out = run.model(batch.inputs, targets=batch.targets, loss_weights=batch.loss_weights, avoided=batch.avoided)
+            loss = out.loss * (count / mean_count)
         if not torch.isfinite(loss):
             raise diverged(run, f"the loss became {loss.item()} at step {state['step'] + 1}")
         run.scaler.scale(loss).backward()  # fp16: scaled up so small gradients do not underflow

@@ -21,7 +21,8 @@ The file reads top to bottom, each part using only what came before it:
 3. attention: written out (scaled_dot_product_attention, attention_mask, MultiHeadAttention),
    then the fused path beside it (PyTorch's kernel, local windows block by block:
    FusedAttention), chosen by config.attention_impl;
-4. the feed-forward layer, the block, the LM head;
+4. the feed-forward layer, the block, the LM head (and AvoidedTokens: tokens its loss can push
+   down);
 5. the model, TransformerLM, whose forward reads like the diagram above;
 6. checkpoints (one safe .pth file with config, weights, tokenizer; load_checkpoint also reads
    an exported Hugging Face folder) and FLOPs per token.
@@ -420,13 +421,24 @@ class TransformerBlock(nn.Module):
         return self.norm2(x + self.feed_forward(x)), weights
 
 
+class AvoidedTokens(NamedTuple):
+    """Tokens the loss pushes down, beside the targets it pushes up: at each position
+    (batch, seq) up to k token ids (-1 for none), each with its weight. Chat tuning avoids a
+    requested word before its first use (chat_data.avoided_tokens)."""
+
+    ids: torch.Tensor  # (batch, seq, k)
+    weights: torch.Tensor  # (batch, seq, k)
+
+
 class LMHead(nn.Module):
     """The output layer: final hidden states (batch, seq, hidden) -> next-token logits
     (batch, seq, vocab), and the mean cross-entropy against targets when they are given
     (-100 marks a target left out). With loss_weights (batch, seq), a weighted mean: each
     target counts its weight (chat tuning stresses the tokens that show a request was
-    followed, chat_data.ChatExamples). Tied (GPT-2's choice, the default), the weight is the
-    token embedding matrix, handed in by the model, and this layer holds none of its own.
+    followed, chat_data.ChatExamples). With avoided, the loss also holds each avoided
+    token's weighted -log(1 - p) (avoided_loss), over the same count of weighted targets.
+    Tied (GPT-2's choice, the default), the weight is the token embedding matrix, handed in
+    by the model, and this layer holds none of its own.
     (speedups swaps in layers with the same call that compute the same values faster.)"""
 
     def __init__(self, config: TransformerConfig):
@@ -438,19 +450,37 @@ class LMHead(nn.Module):
         """One score per token of the vocabulary: x @ weight^T."""
         return F.linear(x, weight)
 
+    def avoided_loss(self, x: torch.Tensor, weight: torch.Tensor, avoided: AvoidedTokens | None) -> torch.Tensor:
+        """The sum over positions and avoided ids of weight x -log(1 - p(id)): the loss that
+        falls as the model gives the avoided tokens less probability. Only the positions
+        that avoid something get their logits made (0 when avoided is None)."""
+        if avoided is None:
+            return x.new_zeros((), dtype=torch.float32)
+        k = avoided.ids.size(-1)
+        ids, weights = avoided.ids.reshape(-1, k), avoided.weights.reshape(-1, k).float()  # (batch * seq, k)
+        rows = ((ids >= 0) & (weights > 0)).any(dim=-1)
+        hidden = x.reshape(-1, x.size(-1))[rows]  # (avoiding positions, hidden)
+        log_probs = F.log_softmax(self.logits(hidden, weight).float(), dim=-1)  # (avoiding positions, vocab)
+        log_p = log_probs.gather(1, ids[rows].clamp(min=0)).clamp(max=-1e-6)  # (avoiding positions, k); p < 1
+        # -log(1 - p) as -log1p(-p): exact where p is small, as it mostly is.
+        return -(torch.log1p(-log_p.exp()) * weights[rows] * (ids[rows] >= 0)).sum()
+
     def forward(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_weights: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                loss_weights: torch.Tensor | None = None,
+                avoided: AvoidedTokens | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         logits = self.logits(x, weight)  # (batch, seq, vocab)
         if targets is None:
             return logits, None
         # Mean over the counted targets of -log softmax(logits)[target], in float32:
         # (batch * seq, vocab) logits against (batch * seq,) targets.
         scores, targets = logits.float().view(-1, logits.size(-1)), targets.reshape(-1)
-        if loss_weights is None:
+        if loss_weights is None and avoided is None:
             return logits, F.cross_entropy(scores, targets, ignore_index=-100)
         losses = F.cross_entropy(scores, targets, ignore_index=-100, reduction="none")  # (batch * seq,)
-        weights = loss_weights.reshape(-1).float() * (targets != -100)
-        return logits, (losses * weights).sum() / weights.sum()
+        counted = (targets != -100).float()
+        if loss_weights is not None:
+            counted = counted * loss_weights.reshape(-1).float()
+        return logits, ((losses * counted).sum() + self.avoided_loss(x, weight, avoided)) / counted.sum()
 
 
 # ----------------------------------------------------------------------------- 5. model
@@ -545,11 +575,13 @@ class TransformerLM(nn.Module):
         output_attentions: bool = False,
         attention_mask: torch.Tensor | None = None,
         loss_weights: torch.Tensor | None = None,
+        avoided: AvoidedTokens | None = None,
     ) -> LMOutput:
         """input_ids (batch, seq) -> LMOutput.
 
         targets (batch, seq): next-token ids; -100 marks positions left out of the loss.
         loss_weights (batch, seq): how much each target counts in the loss (default: alike).
+        avoided: tokens the loss pushes down at each position (AvoidedTokens; default none).
         past_key_values / use_cache: continue from (and return) a KVCache; the new tokens
         follow the cached ones. attention_mask (batch, seq): 1 for tokens, 0 for (left)
         padding; positions count real tokens only, and the cache remembers the mask.
@@ -568,7 +600,7 @@ class TransformerLM(nn.Module):
             attentions.append(weights)
         x = self.final_norm(x)
         # Scores for every next token at every position, and the loss against the targets.
-        logits, loss = self.lm_head(x, self.head_weight, targets, loss_weights)  # (batch, seq, vocab)
+        logits, loss = self.lm_head(x, self.head_weight, targets, loss_weights, avoided)  # (batch, seq, vocab)
         return LMOutput(logits, loss, cache, tuple(attentions) if output_attentions else None)
 
     def embed(self, input_ids: torch.Tensor, cache: KVCache | None, attention_mask: torch.Tensor | None,

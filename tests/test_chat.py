@@ -19,7 +19,9 @@ from bpe_tokenizer import BPETokenizer
 from chat_data import (
     ChatExamples,
     FreshChatExamples,
+    avoided_tokens,
     conversations_from_stories,
+    first_uses,
     fit_conversation,
     instruct_entries,
     load_conversations,
@@ -46,7 +48,14 @@ from speedups import use_chunked_loss
 from test_train_tinystories_model import TINY_MODEL
 from tinystories_data import DataError, story_words
 from train_tinystories_model import main as pretrain
-from transformer_model import TransformerConfig, TransformerLM, load_checkpoint, save_checkpoint
+from transformer_model import (
+    AvoidedTokens,
+    LMHead,
+    TransformerConfig,
+    TransformerLM,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 CHAT = [
     {"role": "system", "content": "Be kind."},
@@ -233,6 +242,43 @@ def test_chat_rows_weigh_the_requested_tokens_and_nothing_outside_the_replies(to
     assert torch.equal(weights[others], (targets[others] != -100).float())
 
 
+def test_first_uses_give_each_found_items_tokens_in_the_order_asked(tokenizer):
+    reply = "The hat was red. A cat sat on the hat."
+    uses = first_uses(tokenizer, reply, ["cat", "zebra", "hat"])
+    assert [tokenizer.decode([tokenizer.encode(reply, allowed_special="none")[k] for k in use]) for use in uses] == [
+        " cat", " hat"]  # zebra is absent; the hat's first use, not its second
+    assert requested_tokens(tokenizer, reply, ["cat", "hat"]) == sorted(uses[0] + uses[1])
+
+
+def test_a_requested_words_first_token_is_avoided_before_its_first_use_and_nowhere_else(tokenizer):
+    reply = "It was a sunny day. The sun was hot. The sun set."
+    asked = [{"role": "user", "content": "Use the word sun."},
+             {"role": "assistant", "content": reply, "requested": ["sun"]},
+             {"role": "user", "content": "Another!"}, {"role": "assistant", "content": "The sun."}]
+    ids, mask = tokenizer.apply_chat_template(asked, return_mask=True)
+    reply_ids, reply_start = tokenizer.encode(reply, allowed_special="none"), mask.index(True)
+    first = spans_by_prefix(tokenizer, reply_ids, reply.index(" sun ") + 1, reply.index(" sun ") + 4)[0]
+    word = reply_ids[first]  # the first use's first token, brute force
+    expected = [[word] if reply_start <= k < reply_start + first and ids[k] != word else [] for k in range(len(ids))]
+    assert avoided_tokens(tokenizer, asked, ids, mask) == expected  # not after the first use, nor in a reply
+    assert sum(map(len, expected)) >= 5  # that asked for nothing; where the target is the token itself, kept
+
+
+def test_balanced_chat_rows_bring_the_avoided_ids_beside_their_targets(tokenizer):
+    asked = [{"role": "user", "content": "Use the words hat and cat."},
+             {"role": "assistant", "content": "The hat was red. A cat sat on it.", "requested": ["hat", "cat"]}]
+    _, targets, _, ids, avoid_weights = ChatExamples([asked], tokenizer, 48, 20.0, balancing_weight=19.0)[0]
+    assert len(ChatExamples([asked], tokenizer, 48, 20.0)[0]) == 3  # off by default: no avoided parts
+    template_ids, mask = tokenizer.apply_chat_template(asked, return_mask=True)
+    avoided = avoided_tokens(tokenizer, asked, template_ids, mask)[1:]  # as targets: shifted by one, like them
+    assert ids.shape == (48, 2) and sum(map(len, avoided)) >= 4
+    for position in range(48):
+        want = avoided[position] if position < len(avoided) else []  # the padding avoids nothing
+        assert ids[position].tolist() == want + [-1] * (2 - len(want))
+        assert not want or targets[position] != -100
+    assert torch.equal(avoid_weights, (ids >= 0).float() * 19.0)
+
+
 def test_words_requests_ask_for_content_words_not_function_words_or_contraction_stumps():
     tale = "Lily didn't like the dog's ball. She really wanted a kite, and she ran around until dark. Lily smiled."
     assert request_words(tale) == ["ball", "wanted", "kite", "dark", "smiled"]  # the dog's ball stays
@@ -333,6 +379,52 @@ def test_loss_weights_give_the_weighted_mean_over_counted_targets_in_both_heads(
     assert loss.item() == pytest.approx(((nll * counted).sum() / counted.sum()).item(), rel=1e-5)
     chunked = use_chunked_loss(model.train())
     assert chunked(inputs, targets=targets, loss_weights=weights).loss.item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_avoided_tokens_add_their_weighted_minus_log_one_minus_p_in_both_heads(tokenizer):
+    model, inputs, targets = tiny_model_and_rows(tokenizer)
+    weights = torch.rand(targets.shape) * 10
+    ids = torch.randint(-1, tokenizer.vocab_size, (*targets.shape, 2))  # -1: nothing avoided there
+    avoided = AvoidedTokens(ids, torch.rand(ids.shape) * 5)
+    logits = model(inputs).logits.detach()
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    counted = weights.flatten() * (targets.flatten() != -100)
+    p = torch.softmax(logits, -1).gather(-1, ids.clamp(min=0))  # (batch, seq, 2)
+    pushed_down = (-torch.log(1 - p) * avoided.weights * (ids >= 0)).sum()
+    expected = ((nll * counted).sum() + pushed_down) / counted.sum()
+    plain = model(inputs, targets=targets, loss_weights=weights, avoided=avoided).loss
+    assert plain.item() == pytest.approx(expected.item(), rel=1e-5)
+    plain_grads = torch.autograd.grad(plain, list(model.parameters()))
+    chunked = use_chunked_loss(model.train())
+    loss = chunked(inputs, targets=targets, loss_weights=weights, avoided=avoided).loss
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-5)
+    for got, want in zip(torch.autograd.grad(loss, list(model.parameters())), plain_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("balancing_weight, learned", [(0.0, 20 * 0.3 / (20 * 0.3 + 0.7)), (19.0, 0.3)])
+def test_balancing_brings_a_stressed_words_learned_probability_back_to_its_rate(balancing_weight, learned):
+    """One context, seen ten times: three times the requested word (token 0) comes next, at
+    weight 20; seven times another token does. Stressed alone, the loss is lowest where the
+    model says the word with probability 20 x 0.3 / (20 x 0.3 + 0.7) = 0.90; pushed down with
+    weight 19 where it did not come, at the rate it came, 0.3."""
+    torch.manual_seed(0)
+    head, x = LMHead(TransformerConfig(vocab_size=4, hidden_size=4, num_attention_heads=1)), torch.ones(1, 10, 4)
+    weight = torch.zeros(4, 4, requires_grad=True)
+    targets = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 3, 3, 3]])
+    loss_weights = torch.where(targets == 0, 20.0, 1.0)
+    ids = torch.where(targets == 0, -1, 0)[..., None]  # avoid the word wherever it did not come
+    avoided = AvoidedTokens(ids, (ids >= 0).float() * balancing_weight)
+    optimizer = torch.optim.LBFGS([weight], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = head(x, weight, targets, loss_weights, avoided)[1]
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert torch.softmax(head.logits(x[0, 0], weight), -1)[0].item() == pytest.approx(learned, abs=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -456,8 +548,9 @@ def test_a_tied_score_goes_to_the_lower_loss():
     assert training.is_improvement({"val_loss": 1.9}, {"best_val_loss": 2.0})  # no score: the loss decides
 
 
-@pytest.mark.parametrize("requested_weight", ["1", "20"])
-def test_accumulated_fine_tuning_weighs_every_assistant_token_alike(base_checkpoint, tmp_path, requested_weight):
+@pytest.mark.parametrize("requested_weight, balancing_weight", [("1", "0"), ("20", "0"), ("20", "19")])
+def test_accumulated_fine_tuning_weighs_every_assistant_token_alike(base_checkpoint, tmp_path, requested_weight,
+                                                                    balancing_weight):
     """Assistant tokens (and their loss weights) fall unevenly across micro-batches;
     accumulating two micro-batches of 4 still gives the gradient of one batch of 8 (the
     weighted mean over all its assistant tokens)."""
@@ -467,7 +560,7 @@ def test_accumulated_fine_tuning_weighs_every_assistant_token_alike(base_checkpo
             "--output_dir", str(tmp_path / name), "--block_size", "64", "--max_steps", "1", "--eval_interval", "1000",
             "--max_val_conversations", "8", "--warmup_steps", "0", "--lr_schedule", "constant", "--grad_clip", "0",
             "--dropout", "0", "--no-amp", "--sample_tokens", "4", "--select_requests", "0",
-            "--requested_weight", requested_weight, *extra])
+            "--requested_weight", requested_weight, "--balancing_weight", balancing_weight, *extra])
         return load_checkpoint(tmp_path / name / "final_model.pth")[0].state_dict()
 
     big, accumulated = tune("big", "--batch_size", "8"), tune("small", "--batch_size", "4", "--gradient_accumulation_steps", "2")
