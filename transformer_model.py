@@ -21,8 +21,7 @@ The file reads top to bottom, each part using only what came before it:
 3. attention: written out (scaled_dot_product_attention, attention_mask, MultiHeadAttention),
    then the fused path beside it (PyTorch's kernel, local windows block by block:
    FusedAttention), chosen by config.attention_impl;
-4. the feed-forward layer, the block, the LM head (and AvoidedTokens: tokens its loss can push
-   down);
+4. the feed-forward layer, the block, the LM head and AvoidedTokens (what its loss pushes down);
 5. the model, TransformerLM, whose forward reads like the diagram above;
 6. checkpoints (one safe .pth file with config, weights, tokenizer; load_checkpoint also reads
    an exported Hugging Face folder) and FLOPs per token.
