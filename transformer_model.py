@@ -455,14 +455,14 @@ class LMHead(nn.Module):
         that avoid something get their logits made (0 when avoided is None)."""
         if avoided is None:
             return x.new_zeros((), dtype=torch.float32)
-        k = avoided.ids.size(-1)
-        ids, weights = avoided.ids.reshape(-1, k), avoided.weights.reshape(-1, k).float()  # (batch * seq, k)
-        rows = ((ids >= 0) & (weights > 0)).any(dim=-1)
+        ids = avoided.ids.reshape(-1, avoided.ids.size(-1))  # (batch * seq, k)
+        weights = avoided.weights.reshape(ids.shape).float() * (ids >= 0)  # an id of -1 weighs nothing
+        rows = (weights > 0).any(dim=-1)
         hidden = x.reshape(-1, x.size(-1))[rows]  # (avoiding positions, hidden)
         log_probs = F.log_softmax(self.logits(hidden, weight).float(), dim=-1)  # (avoiding positions, vocab)
         log_p = log_probs.gather(1, ids[rows].clamp(min=0)).clamp(max=-1e-6)  # (avoiding positions, k); p < 1
         # -log(1 - p) as -log1p(-p): exact where p is small, as it mostly is.
-        return -(torch.log1p(-log_p.exp()) * weights[rows] * (ids[rows] >= 0)).sum()
+        return -(torch.log1p(-log_p.exp()) * weights[rows]).sum()
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None,
                 loss_weights: torch.Tensor | None = None,
